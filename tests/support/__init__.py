@@ -1,0 +1,1 @@
+"""Test support: real services (NATS, PostgreSQL) and processes for the suite."""

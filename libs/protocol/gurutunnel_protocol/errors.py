@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     SESSION_EXISTS = "session_exists"
     AGENT_BUSY = "agent_busy"
     AGENT_ERROR = "agent_error"

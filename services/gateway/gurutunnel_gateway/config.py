@@ -1,0 +1,92 @@
+"""Gateway settings: one ``GatewaySettings`` read from ``GT_GATEWAY_*`` environment variables.
+
+Contract: every limit and timeout is a named setting with a safe default; durations end in
+``_s``, sizes in ``_bytes``. The agent credential public key is given either as a PEM file
+(``GT_GATEWAY_AGENT_PUBLIC_KEY_FILE``) or as PEM text (``GT_GATEWAY_AGENT_PUBLIC_KEY``); one of
+them is required. Settings are built in ``main()`` (or by a test), never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gurutunnel_protocol import DEFAULT_PREFIX, Subjects, new_id, validate_id
+
+
+class GatewaySettings(BaseSettings):
+    """Configuration of one gateway replica."""
+
+    model_config = SettingsConfigDict(env_prefix="GT_GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=0, le=65535)
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = DEFAULT_PREFIX
+    agent_public_key_file: Path | None = None
+    agent_public_key: SecretStr | None = None
+    gateway_id: str = Field(default_factory=new_id)
+    log_level: str = "INFO"
+
+    # agent socket limits
+    max_frame_bytes: int = Field(default=1 << 20, gt=0)
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    ping_interval_s: float = Field(default=10.0, gt=0)
+    ping_timeout_s: float = Field(default=10.0, gt=0)
+    close_timeout_s: float = Field(default=5.0, gt=0)
+    send_queue_frames: int = Field(default=256, gt=0)
+    max_consecutive_errors: int = Field(default=20, gt=0)
+    agent_heartbeat_interval_s: float = Field(default=30.0, gt=0)
+
+    # requests forwarded from agent.<id>.cmd
+    command_timeout_s: float = Field(default=30.0, gt=0)
+    max_pending_requests: int = Field(default=256, gt=0)
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+
+    # lease and presence
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    lease_ttl_s: float = Field(default=6.0, gt=0)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    presence_attempts: int = Field(default=5, gt=0)
+    presence_retry_wait_s: float = Field(default=0.5, ge=0)
+    revocation_snapshot_timeout_s: float = Field(default=10.0, gt=0)
+
+    # shutdown
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_jitter_max_s: float = Field(default=5.0, ge=0)
+
+    # NATS client liveness (RELIABILITY.md 7: not left at defaults that hide a dead link)
+    nats_ping_interval_s: float = Field(default=5.0, gt=0)
+    nats_max_outstanding_pings: int = Field(default=2, gt=0)
+    nats_connect_timeout_s: float = Field(default=2.0, gt=0)
+    nats_reconnect_wait_s: float = Field(default=1.0, ge=0)
+    nats_max_reconnect_attempts: int = Field(default=-1, ge=-1, description="-1: forever")
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _gateway_id_is_subject_safe(cls, value: str) -> str:
+        return validate_id(value, what="gateway_id")
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix_is_subject_safe(cls, value: str) -> str:
+        Subjects(value)
+        return value
+
+    @model_validator(mode="after")
+    def _public_key_given(self) -> GatewaySettings:
+        if self.agent_public_key is None and self.agent_public_key_file is None:
+            raise ValueError(
+                "set GT_GATEWAY_AGENT_PUBLIC_KEY_FILE or GT_GATEWAY_AGENT_PUBLIC_KEY "
+                "(Ed25519 public key PEM that verifies agent credentials)"
+            )
+        return self
+
+    def public_key_pem(self) -> str:
+        """The PEM text of the agent credential public key (inline text wins over the file)."""
+        if self.agent_public_key is not None:
+            return self.agent_public_key.get_secret_value()
+        assert self.agent_public_key_file is not None  # guaranteed by _public_key_given
+        return self.agent_public_key_file.read_text(encoding="ascii")

@@ -1,0 +1,556 @@
+"""One authenticated agent socket: one reader loop, one writer task fed by a bounded queue.
+
+Contract (docs/design.md "Agent socket" and "Bus"):
+- ``run`` subscribes the agent's command subject, sends ``welcome``, publishes
+  ``presence.connected`` (JetStream, retried in the background a bounded number of times), then
+  reads frames until the socket ends. On the way out it unsubscribes everything of this
+  connection, answers every pending request with ``CommandFailed{agent_offline}`` and publishes
+  ``presence.disconnected`` with a ``DisconnectReason`` and the close code.
+- Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
+  socket with ``CloseCode.BACKPRESSURE`` (a request that could not be queued is also answered
+  ``CommandFailed{agent_backpressure}``).
+- Bad agent frames (undecodable, binary, naming a session this connection does not hold) get an
+  ``error`` frame and the loop goes on; ``max_consecutive_errors`` in a row close with
+  ``CloseCode.TOO_MANY_ERRORS``.
+- Identity (``agent_id``) comes from the credential; every publication is stamped with it and
+  with ``conn_id``, ``gateway_id`` and ``boot_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gurutunnel_protocol import CloseCode, ErrorCode, ProtocolError, Subjects, new_id
+from gurutunnel_protocol.envelope import (
+    decode_agent_command,
+    decode_agent_to_server,
+    encode,
+    encode_text,
+)
+from gurutunnel_protocol.messages import (
+    AgentConnected,
+    AgentDisconnected,
+    AgentHeartbeat,
+    AgentToServer,
+    ChannelClose,
+    ChannelClosed,
+    ChannelOpen,
+    ChannelOpened,
+    CommandFailed,
+    CommandReply,
+    DisconnectReason,
+    ErrorFrame,
+    Frame,
+    Heartbeat,
+    SessionUp,
+    Terminal,
+    TerminalOutput,
+    TunnelClose,
+    TunnelClosed,
+    TunnelData,
+    TunnelError,
+    TunnelOpen,
+    TunnelReady,
+    Welcome,
+)
+
+from .auth import AgentIdentity
+from .bus import Bus, BusError, BusSubscription
+from .config import GatewaySettings
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+log = logging.getLogger(__name__)
+
+# Frames the API may request on agent.<id>.cmd (each must carry a req_id).
+REQUEST_TYPES = (TunnelOpen, TunnelClose, ChannelOpen, ChannelClose, Terminal)
+# Agent frames that can answer a request (the AgentReply union).
+REPLY_TYPES = (TunnelReady, TunnelClosed, TunnelError, ChannelOpened, ChannelClosed, TerminalOutput)
+# Frames the API may send on session.<id>.down.
+DOWN_TYPES = (TunnelData, ChannelOpen, ChannelClose, Terminal)
+
+PING_TIMEOUT_REASON = "keepalive ping timeout"  # websockets' close reason on a missed pong
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionDeps:
+    """What every connection of one gateway shares."""
+
+    settings: GatewaySettings
+    subjects: Subjects
+    bus: Bus
+    hub: Hub
+    gateway_id: str
+    boot_id: str
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request forwarded to the agent, waiting for the frame with the same ``req_id``."""
+
+    reply: str
+    deadline: float
+    kind: str
+    session_id: str | None
+
+
+@dataclass(slots=True)
+class HeldSession:
+    """A session bound to this connection (the agent answered ``tunnel.ready``)."""
+
+    session_id: str
+    subscription: BusSubscription | None = None
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class _CloseRequest:
+    code: int
+    reason: DisconnectReason
+    text: str
+    final: Frame | None = None
+    task: asyncio.Task[None] | None = field(default=None)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AgentConnection:
+    """The gateway side of one agent WebSocket."""
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        identity: AgentIdentity,
+        deps: ConnectionDeps,
+        *,
+        remote_addr: str | None = None,
+    ) -> None:
+        self.ws = ws
+        self.identity = identity
+        self.agent_id = identity.agent_id
+        self.conn_id = new_id()
+        self._deps = deps
+        self._settings = deps.settings
+        self._remote_addr = remote_addr
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=deps.settings.send_queue_frames)
+        self._pending: dict[str, PendingRequest] = {}
+        self._sessions: dict[str, HeldSession] = {}
+        self._cmd_sub: BusSubscription | None = None
+        self._close: _CloseRequest | None = None
+        self._ended = False
+        self._errors = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _extra(self, session_id: str | None = None, **more: Any) -> dict[str, Any]:
+        extra: dict[str, Any] = {"agent_id": self.agent_id, "conn_id": self.conn_id, **more}
+        if session_id is not None:
+            extra["session_id"] = session_id
+        return extra
+
+    def _stamp(self) -> dict[str, str]:
+        return {
+            "agent_id": self.agent_id,
+            "gateway_id": self._deps.gateway_id,
+            "boot_id": self._deps.boot_id,
+            "conn_id": self.conn_id,
+        }
+
+    @property
+    def closing(self) -> bool:
+        return self._close is not None or self._ended
+
+    @property
+    def sessions(self) -> frozenset[str]:
+        return frozenset(self._sessions)
+
+    def send(self, frame: Frame) -> bool:
+        """Queue a frame for the agent; on overflow close with BACKPRESSURE and return False."""
+        if self.closing:
+            return False
+        try:
+            self._queue.put_nowait(encode_text(frame))
+        except asyncio.QueueFull:
+            log.warning("send queue overflow", extra=self._extra())
+            self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
+            return False
+        return True
+
+    def close(
+        self,
+        code: int,
+        reason: DisconnectReason,
+        text: str = "",
+        *,
+        final: Frame | None = None,
+    ) -> None:
+        """Close the socket with ``code`` (first call wins), optionally sending ``final`` first."""
+        if self.closing:
+            return
+        request = _CloseRequest(code=code, reason=reason, text=text[:120], final=final)
+        self._close = request
+        request.task = asyncio.create_task(self._close_socket(request))
+
+    async def _close_socket(self, request: _CloseRequest) -> None:
+        if request.final is not None:
+            # Sent directly, past a possibly full queue: it is the last word to the agent.
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(
+                    self.ws.send(encode_text(request.final)), self._settings.close_timeout_s
+                )
+        # Bounded by the server's close_timeout: websockets aborts the TCP connection after it.
+        await self.ws.close(request.code, request.text)
+
+    async def _reply(self, reply: str, message: Frame) -> None:
+        try:
+            await self._deps.bus.publish(reply, encode(message))
+        except BusError as exc:
+            log.warning("reply not published: %s", exc, extra=self._extra())
+
+    async def _fail(self, reply: str, code: ErrorCode, message: str) -> None:
+        failed = CommandFailed(
+            agent_id=self.agent_id,
+            gateway_id=self._deps.gateway_id,
+            code=code,
+            message=message[:1024],
+        )
+        await self._reply(reply, failed)
+
+    def _refuse(self, code: ErrorCode, message: str, req_id: str | None = None) -> None:
+        """Answer a bad agent frame with an error frame; too many in a row close the socket."""
+        self._errors += 1
+        self.send(ErrorFrame(code=code, message=message[:1024], req_id=req_id))
+        if self._errors >= self._settings.max_consecutive_errors:
+            log.warning("too many consecutive bad frames", extra=self._extra())
+            self.close(CloseCode.TOO_MANY_ERRORS, DisconnectReason.CLOSED, "too many errors")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the socket until it ends; always publishes the disconnect on the way out."""
+        subjects = self._deps.subjects
+        connected: asyncio.Task[None] | None = None
+        writer = asyncio.create_task(self._write(), name=f"writer-{self.conn_id}")
+        try:
+            try:
+                # Subscribe before the welcome: once the agent is told it is connected, a
+                # request on its command subject must find a responder.
+                self._cmd_sub = await self._deps.bus.subscribe(
+                    subjects.agent_commands(self.agent_id), self._on_command
+                )
+            except BusError as exc:
+                log.error("command subscription failed: %s", exc, extra=self._extra())
+                self.close(CloseCode.INTERNAL_ERROR, DisconnectReason.CLOSED, "bus unavailable")
+            self.send(
+                Welcome(
+                    agent_id=self.agent_id,
+                    conn_id=self.conn_id,
+                    gateway_id=self._deps.gateway_id,
+                    heartbeat_interval_s=self._settings.agent_heartbeat_interval_s,
+                )
+            )
+            event = AgentConnected(
+                **self._stamp(), event_id=new_id(), at=_now(), remote_addr=self._remote_addr
+            )
+            connected = asyncio.create_task(self._publish_presence(event))
+            log.info("agent connected", extra=self._extra())
+            await self._read()
+        finally:
+            await self._finish(writer, connected)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self.ws:
+                if self.closing:
+                    continue  # closing (revoked, replaced, ...): nothing more is acted upon
+                if isinstance(message, bytes):
+                    self._refuse(
+                        ErrorCode.MALFORMED_FRAME, "binary frames are not supported by this gateway"
+                    )
+                    continue
+                try:
+                    frame = decode_agent_to_server(message, self._settings.max_frame_bytes)
+                except ProtocolError as exc:
+                    self._refuse(exc.code, exc.message)
+                    continue
+                try:
+                    await self._on_agent_frame(frame)
+                except ProtocolError as exc:
+                    self._refuse(exc.code, exc.message)
+
+    async def _write(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                text = await self._queue.get()
+                await self.ws.send(text)
+
+    async def _finish(
+        self, writer: asyncio.Task[None], connected: asyncio.Task[None] | None
+    ) -> None:
+        self._ended = True
+        self._deps.hub.unregister(self)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        if self._cmd_sub is not None:
+            await self._cmd_sub.unsubscribe()
+        for held in list(self._sessions.values()):
+            if held.subscription is not None:
+                await held.subscription.unsubscribe()
+        self._sessions.clear()
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            await self._fail(entry.reply, ErrorCode.AGENT_OFFLINE, "agent connection ended")
+        code, reason = self._outcome()
+        log.info("agent disconnected", extra=self._extra(reason=reason.value, close_code=code))
+        if self._close is not None and self._close.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._close.task, self._settings.close_timeout_s)
+        if connected is not None:
+            # connected must reach the stream before disconnected (both retries are bounded)
+            with contextlib.suppress(Exception):
+                await connected
+        event = AgentDisconnected(
+            **self._stamp(), event_id=new_id(), at=_now(), reason=reason, close_code=code
+        )
+        await self._publish_presence(event)
+
+    def _outcome(self) -> tuple[int | None, DisconnectReason]:
+        if self._close is not None:
+            return self._close.code, self._close.reason
+        sent = self.ws.protocol.close_sent
+        if sent is not None and sent.reason == PING_TIMEOUT_REASON:
+            return int(sent.code), DisconnectReason.PING_TIMEOUT
+        if sent is not None and self.ws.protocol.close_rcvd is None:
+            return int(sent.code), DisconnectReason.CLOSED  # e.g. 1009 frame too large
+        return self.ws.close_code, DisconnectReason.CLOSED
+
+    async def _publish_presence(self, event: AgentConnected | AgentDisconnected) -> None:
+        """JetStream publish with de-duplication; a bounded number of attempts."""
+        subject = self._deps.subjects.presence(self.agent_id)
+        payload = encode(event)
+        for attempt in range(1, self._settings.presence_attempts + 1):
+            try:
+                await self._deps.bus.publish_durable(
+                    subject,
+                    payload,
+                    msg_id=event.event_id,
+                    timeout_s=self._settings.publish_timeout_s,
+                )
+                return
+            except BusError as exc:
+                log.warning(
+                    "presence publish failed (attempt %d): %s",
+                    attempt,
+                    exc,
+                    extra=self._extra(event=event.type),
+                )
+                if attempt < self._settings.presence_attempts:
+                    await asyncio.sleep(self._settings.presence_retry_wait_s * attempt)
+        log.error("presence event lost after retries", extra=self._extra(event=event.type))
+
+    def expire_pending(self, now: float) -> int:
+        """Forget requests past their deadline (the API has its own timeout); return how many."""
+        expired = [req_id for req_id, entry in self._pending.items() if entry.deadline <= now]
+        for req_id in expired:
+            del self._pending[req_id]
+        return len(expired)
+
+    # ------------------------------------------------------------------ bus -> agent
+
+    async def _on_command(self, payload: bytes, reply: str | None) -> None:
+        if reply is None:
+            log.warning("command without a reply subject dropped", extra=self._extra())
+            return
+        if self.closing or not self._deps.hub.is_current(self):
+            return  # the agent's newer connection answers
+        try:
+            frame = decode_agent_command(payload, self._settings.max_frame_bytes)
+        except ProtocolError as exc:
+            await self._fail(reply, ErrorCode.MALFORMED_FRAME, exc.message)
+            return
+        if not isinstance(frame, REQUEST_TYPES) or frame.req_id is None:
+            await self._fail(
+                reply,
+                ErrorCode.MALFORMED_FRAME,
+                f"{frame.type} is not a request with a req_id (expected one of: "
+                "tunnel.open, tunnel.close, channel.open, channel.close, terminal.command)",
+            )
+            return
+        if frame.req_id in self._pending:
+            await self._fail(reply, ErrorCode.MALFORMED_FRAME, "req_id already in flight")
+            return
+        if len(self._pending) >= self._settings.max_pending_requests:
+            await self._fail(reply, ErrorCode.AGENT_BACKPRESSURE, "too many requests in flight")
+            return
+        self._pending[frame.req_id] = PendingRequest(
+            reply=reply,
+            deadline=time.monotonic() + self._settings.command_timeout_s,
+            kind=frame.type,
+            session_id=frame.session_id,
+        )
+        if not self.send(frame):
+            self._pending.pop(frame.req_id, None)
+            await self._fail(reply, ErrorCode.AGENT_BACKPRESSURE, "agent send queue is full")
+
+    async def _on_down(self, session_id: str, payload: bytes, reply: str | None) -> None:
+        if self.closing or session_id not in self._sessions:
+            return
+        try:
+            frame = decode_agent_command(payload, self._settings.max_frame_bytes)
+        except ProtocolError as exc:
+            log.warning("bad session frame: %s", exc.message, extra=self._extra(session_id))
+            if reply is not None:
+                await self._fail(reply, exc.code, exc.message)
+            return
+        if not isinstance(frame, DOWN_TYPES) or frame.session_id != session_id:
+            log.warning(
+                "session frame refused", extra=self._extra(session_id, frame_type=frame.type)
+            )
+            if reply is not None:
+                await self._fail(
+                    reply, ErrorCode.MALFORMED_FRAME, f"{frame.type} not allowed on this subject"
+                )
+            return
+        self.send(frame)
+
+    # ------------------------------------------------------------------ agent -> bus
+
+    async def _on_agent_frame(self, frame: AgentToServer) -> None:
+        if isinstance(frame, Heartbeat):
+            await self._on_heartbeat(frame)
+            self._errors = 0
+            return
+        req_id: str | None = getattr(frame, "req_id", None)
+        session_id: str | None = getattr(frame, "session_id", None)
+        pending = self._pending.get(req_id) if req_id is not None else None
+        if req_id is not None and pending is not None and isinstance(frame, REPLY_TYPES):
+            if pending.session_id and session_id and session_id != pending.session_id:
+                self._refuse(
+                    ErrorCode.NOT_YOUR_SESSION, "answer names another session", req_id=req_id
+                )
+                return
+            self._errors = 0
+            del self._pending[req_id]
+            await self._answer(pending, frame)
+            return
+        if session_id is None:
+            self._refuse(
+                ErrorCode.MALFORMED_FRAME,
+                f"{frame.type} answers no pending request and names no session",
+                req_id=req_id,
+            )
+            return
+        held = self._sessions.get(session_id)
+        if held is None:
+            self._refuse(
+                ErrorCode.NOT_YOUR_SESSION,
+                "this connection holds no such session",
+                req_id=req_id,
+            )
+            return
+        if not isinstance(
+            frame,
+            TunnelData
+            | TunnelError
+            | TunnelClosed
+            | ChannelOpened
+            | ChannelClosed
+            | TerminalOutput,
+        ):
+            self._refuse(ErrorCode.MALFORMED_FRAME, f"unexpected {frame.type}", req_id=req_id)
+            return
+        self._errors = 0
+        seq = held.seq
+        held.seq += 1  # consumed even if the publish fails: the receiver sees the gap
+        up = SessionUp(**self._stamp(), session_id=session_id, seq=seq, frame=frame)
+        try:
+            await self._deps.bus.publish(self._deps.subjects.session_up(session_id), encode(up))
+        except BusError as exc:
+            log.warning("session frame not published: %s", exc, extra=self._extra(session_id))
+        if isinstance(frame, TunnelClosed):
+            await self._release(session_id)
+
+    async def _answer(
+        self,
+        pending: PendingRequest,
+        frame: TunnelReady
+        | TunnelClosed
+        | TunnelError
+        | ChannelOpened
+        | ChannelClosed
+        | TerminalOutput,
+    ) -> None:
+        if (
+            isinstance(frame, TunnelReady)
+            and pending.kind == "tunnel.open"
+            and not await self._bind(frame.session_id)
+        ):
+            await self._fail(pending.reply, ErrorCode.BUS_UNAVAILABLE, "session not bound")
+            self.send(TunnelClose(session_id=frame.session_id, reason="gateway_error"))
+            return
+        await self._reply(pending.reply, CommandReply(**self._stamp(), frame=frame))
+        if isinstance(frame, TunnelClosed):
+            await self._release(frame.session_id)
+
+    async def _bind(self, session_id: str) -> bool:
+        """Hold ``session_id``: subscribe its down subject before the API learns it is ready."""
+        if session_id in self._sessions:
+            return True
+
+        async def on_down(payload: bytes, reply: str | None) -> None:
+            await self._on_down(session_id, payload, reply)
+
+        try:
+            sub = await self._deps.bus.subscribe(
+                self._deps.subjects.session_down(session_id), on_down
+            )
+        except BusError as exc:
+            log.error("session subscription failed: %s", exc, extra=self._extra(session_id))
+            return False
+        self._sessions[session_id] = HeldSession(session_id=session_id, subscription=sub)
+        log.info("session bound", extra=self._extra(session_id))
+        return True
+
+    async def _release(self, session_id: str) -> None:
+        held = self._sessions.pop(session_id, None)
+        if held is not None and held.subscription is not None:
+            await held.subscription.unsubscribe()
+            log.info("session released", extra=self._extra(session_id))
+
+    async def _on_heartbeat(self, frame: Heartbeat) -> None:
+        session_id = frame.session_id
+        if session_id is not None and session_id not in self._sessions:
+            # Liveness is still published, without the session the agent cannot claim.
+            self.send(
+                ErrorFrame(
+                    code=ErrorCode.NOT_YOUR_SESSION,
+                    message="heartbeat names a session this connection does not hold",
+                )
+            )
+            session_id = None
+        beat = AgentHeartbeat(
+            **self._stamp(),
+            at=_now(),
+            mode=frame.mode,
+            session_id=session_id,
+            metrics=frame.metrics,
+        )
+        try:
+            await self._deps.bus.publish(
+                self._deps.subjects.agent_events(self.agent_id, "heartbeat"), encode(beat)
+            )
+        except BusError as exc:
+            log.warning("heartbeat not published: %s", exc, extra=self._extra())

@@ -1,0 +1,74 @@
+"""Which agents are connected to this gateway replica.
+
+Contract:
+- At most one *current* connection per agent: ``register`` of a second connection of the same
+  agent makes it current and closes the older one with ``CloseCode.REPLACED`` (disconnect
+  reason ``replaced``). Only the current connection answers the agent's command subject.
+- ``live`` connections include replaced ones that are still closing; shutdown, revocation and the
+  pending-request sweep act on all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from gurutunnel_protocol import CloseCode
+from gurutunnel_protocol.messages import DisconnectReason
+
+if TYPE_CHECKING:
+    from .connection import AgentConnection
+
+
+class Hub:
+    """agent_id -> current connection, plus every live connection of this replica."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, AgentConnection] = {}
+        self._live: set[AgentConnection] = set()
+
+    def register(self, conn: AgentConnection) -> AgentConnection | None:
+        """Make ``conn`` the agent's current connection; close and return the one it replaced."""
+        old = self._current.get(conn.agent_id)
+        self._current[conn.agent_id] = conn
+        self._live.add(conn)
+        if old is not None and old is not conn:
+            old.close(
+                CloseCode.REPLACED, DisconnectReason.REPLACED, "replaced by a newer connection"
+            )
+            return old
+        return None
+
+    def unregister(self, conn: AgentConnection) -> None:
+        """Forget ``conn``; the agent's newer connection, if any, stays current."""
+        self._live.discard(conn)
+        if self._current.get(conn.agent_id) is conn:
+            del self._current[conn.agent_id]
+
+    def is_current(self, conn: AgentConnection) -> bool:
+        return self._current.get(conn.agent_id) is conn
+
+    def current(self, agent_id: str) -> AgentConnection | None:
+        return self._current.get(agent_id)
+
+    def live(self) -> Iterator[AgentConnection]:
+        """A snapshot of every live connection (safe to close them while iterating)."""
+        return iter(list(self._live))
+
+    def revoke(self, agent_id: str, not_before: datetime) -> int:
+        """Close (4501) the connections of ``agent_id`` whose credential predates ``not_before``."""
+        closed = 0
+        for conn in self.live():
+            if conn.agent_id == agent_id and conn.identity.issued_at < not_before:
+                conn.close(CloseCode.REVOKED, DisconnectReason.REVOKED, "agent revoked")
+                closed += 1
+        return closed
+
+    def sweep(self, now: float) -> int:
+        """Drop expired pending requests of every connection; return how many."""
+        return sum(conn.expire_pending(now) for conn in self.live())
+
+    @property
+    def agent_count(self) -> int:
+        return len(self._current)

@@ -1,0 +1,1 @@
+"""Gateway integration tests (real NATS, real sockets) and helpers the lead reuses."""

@@ -1,0 +1,443 @@
+"""The agent's connect loop: one WebSocket to a gateway, held for ever, reconnected with backoff.
+
+Contract:
+- ``AgentClient(settings).run()`` connects to ``settings.gateway_url`` with the credential in
+  ``Authorization: Bearer ...`` (never in the URL), waits for ``welcome`` (``welcome_timeout_s``),
+  then sends a ``heartbeat`` at once and every interval, in both modes, carrying the tunnel mode,
+  the session id and host metrics. The interval is the smaller of ``heartbeat_interval_s`` and
+  the one the gateway's ``welcome`` asks for.
+- One reader loop per connection decodes server frames; ``TunnelManager.handle`` answers tunnel
+  frames; ``welcome``, ``error`` and ``reconnect`` are handled here. A malformed frame, or a
+  binary one (version 1 is text only), is logged (error code and size, never its content) and
+  skipped; the loop goes on.
+- Every frame leaves through :meth:`AgentClient._send`: one lock (frames never interleave and keep
+  their order) and ``send_timeout_s`` (a gateway that stops reading gets its socket aborted).
+- Failure classes: HTTP 401/403 at the upgrade, and a close code in the fatal range
+  (``close_is_fatal``), raise :class:`FatalRefusal` out of ``run()``; everything else (refused
+  TCP, timeouts, other HTTP statuses, resets, closes in the reconnect ranges, an unreadable
+  credential file) is retried for ever. ``reconnect{delay_ms}`` closes the socket (1000) and
+  reconnects after that delay plus up to ``reconnect_jitter_s``.
+- Every disconnect force-closes the tunnel (the session cannot outlive its socket).
+- ``stop()`` (signals) ends ``run()`` promptly: the socket is closed with code 1000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.http11 import Response
+
+from gurutunnel_protocol import CloseCode, ErrorCode, ProtocolError, close_is_fatal
+from gurutunnel_protocol.envelope import decode_server_to_agent, encode_text
+from gurutunnel_protocol.messages import (
+    AgentToServer,
+    ErrorFrame,
+    Heartbeat,
+    HostMetrics,
+    Reconnect,
+    Welcome,
+)
+
+from .config import AgentSettings, CredentialError
+from .metrics import agent_version, collect_host_metrics, prime_cpu_percent
+from .tunnel import TunnelManager
+
+log = logging.getLogger(__name__)
+
+# A guard against a gateway asking for a busy loop of heartbeats; far below any sane interval.
+_MIN_HEARTBEAT_INTERVAL_S = 0.01
+
+
+class FatalRefusal(Exception):
+    """The gateway refused this agent for good (bad or revoked credential): do not retry."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter.
+
+    Delay n is ``uniform(0, min(max_s, initial_s * factor**n))`` ("full jitter", AWS
+    Architecture Blog, "Exponential Backoff And Jitter"), so a fleet of agents cut off together
+    spreads its reconnects instead of storming the next gateway.
+
+    Why not websockets' reconnecting iterator (``async for ws in connect(...)``)? Its delays are
+    configurable (``reconnect_delays``) but it only backs off when the *handshake* fails: after a
+    connection that opened and then dropped it reconnects at once, so a gateway that accepts and
+    closes (draining, lease lost, crash loop) would be re-dialled in a tight loop; it also cannot
+    apply a server-dictated ``reconnect{delay_ms}`` or classify close codes. So the loop is ours,
+    and each attempt uses ``connect()`` as an async context manager.
+    """
+
+    def __init__(
+        self,
+        initial_s: float,
+        max_s: float,
+        factor: float,
+        *,
+        jitter: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.factor = factor
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call advances the exponent."""
+        # cap the exponent so factor**attempt cannot overflow after days of retries
+        ceiling = min(self.max_s, self.initial_s * self.factor ** min(self._attempt, 64))
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling) if self.jitter else ceiling
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+@dataclass
+class _Connection:
+    """State of one WebSocket connection (dropped with it)."""
+
+    ws: ClientConnection
+    opened_at: float
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    welcome: Welcome | None = None
+    heartbeat: asyncio.Task[None] | None = None
+    reconnect_delay_s: float | None = None
+    last_metrics: HostMetrics | None = None
+
+
+def _refusal_reason(response: Response) -> str:
+    """``credential refused by gateway (HTTP 401 unauthorized)``, from the gateway's answer."""
+    status = response.status_code
+    code: str | None = None
+    try:
+        body: Any = json.loads(response.body[:4096])
+        candidate = body["error"]["code"]
+        if candidate in ErrorCode.__members__.values():
+            code = str(candidate)
+    except (ValueError, KeyError, TypeError):
+        pass  # a body that is not the documented JSON error: fall back to the HTTP phrase
+    if code is None:
+        try:
+            code = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            code = "refused"
+    return f"credential refused by gateway (HTTP {status} {code})"
+
+
+def _close_reason(code: int, reason: str) -> str:
+    try:
+        name = CloseCode(code).name.lower()
+    except ValueError:
+        name = "fatal close code"
+    # the reason comes from the network: keep it short and printable
+    shown = "".join(ch for ch in reason[:123] if ch.isprintable())
+    detail = f": {shown}" if shown else ""
+    return f"gateway closed the connection with code {code} ({name}{detail})"
+
+
+class AgentClient:
+    """The connect loop of one agent (see module docstring for the contract)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        tunnel: TunnelManager | None = None,
+        metrics: Callable[[], HostMetrics] = collect_host_metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tunnel = tunnel if tunnel is not None else TunnelManager()
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._stop = asyncio.Event()
+        self.connection: ClientConnection | None = None
+        """The open WebSocket, if any (for observation; never send on it directly)."""
+        self.connections_made = 0
+        """How many upgrades succeeded (observability and tests)."""
+
+    def stop(self) -> None:
+        """Ask ``run()`` to close the socket with code 1000 and return."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect and reconnect until ``stop()``; raises :class:`FatalRefusal` when refused."""
+        s = self.settings
+        backoff = Backoff(
+            s.backoff_initial_s,
+            s.backoff_max_s,
+            s.backoff_factor,
+            jitter=s.backoff_jitter,
+            rng=self._rng,
+        )
+        prime_cpu_percent()
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            conn: _Connection | None = None
+            try:
+                conn = await self._attempt()
+            except FatalRefusal:
+                raise
+            except Exception:
+                # a bug must not end an agent that nobody can reach to restart: log, back off
+                log.exception("unexpected error in the connect loop; reconnecting")
+            finally:
+                self.connection = None
+                dropped = self.tunnel.force_close()
+                if dropped is not None:
+                    log.warning(
+                        "tunnel session dropped: connection lost", extra={"session_id": dropped}
+                    )
+            if self._stop.is_set():
+                break
+            if (
+                conn is not None
+                and conn.welcome is not None
+                and loop.time() - conn.opened_at >= s.backoff_reset_after_s
+            ):
+                backoff.reset()
+            if conn is not None and conn.reconnect_delay_s is not None:
+                delay = conn.reconnect_delay_s + self._rng.uniform(0, s.reconnect_jitter_s)
+            else:
+                delay = backoff.next_delay()
+            log.info("reconnecting", extra={"delay_s": round(delay, 3)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+        log.info("agent stopped")
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _attempt(self) -> _Connection | None:
+        """``_connect_once``, abandoned if ``stop()`` comes before the socket is open."""
+        attempt = asyncio.create_task(self._connect_once(), name="agent-connect")
+        stopping = asyncio.create_task(self._stop.wait(), name="agent-stop")
+        try:
+            await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            attempt.cancel()  # run() itself was cancelled: leave no orphan connection behind
+            raise
+        finally:
+            stopping.cancel()
+        if not attempt.done() and self.connection is None:
+            # still connecting (up to open_timeout_s): nothing to close cleanly, give up now
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await attempt
+            return None
+        # an open connection sees stop() itself and closes with 1000 (bounded by close_timeout_s)
+        return await attempt
+
+    async def _connect_once(self) -> _Connection | None:
+        """One attempt: connect, serve until the socket ends; ``None`` if it never opened."""
+        s = self.settings
+        try:
+            credential = s.read_credential()
+        except CredentialError as exc:
+            log.warning("credential unavailable; will retry", extra={"error": str(exc)})
+            return None
+        try:
+            async with connect(
+                s.gateway_url,
+                additional_headers={"Authorization": f"Bearer {credential}"},
+                user_agent_header=f"gurutunnel-agent/{agent_version()}",
+                open_timeout=s.open_timeout_s,
+                ping_interval=s.ping_interval_s,
+                ping_timeout=s.ping_timeout_s,
+                close_timeout=s.close_timeout_s,
+                max_size=s.max_frame_bytes,
+            ) as ws:
+                conn = _Connection(ws=ws, opened_at=asyncio.get_running_loop().time())
+                self.connection = ws
+                self.connections_made += 1
+                log.info("connected to gateway")
+                await self._serve(conn)
+        except InvalidStatus as exc:
+            if exc.response.status_code in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+                raise FatalRefusal(_refusal_reason(exc.response)) from None
+            log.warning(
+                "gateway refused the upgrade; will retry",
+                extra={"http_status": exc.response.status_code},
+            )
+            return None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            log.warning(
+                "cannot connect to gateway; will retry",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            return None
+        code = ws.close_code
+        log.info(
+            "disconnected from gateway",
+            extra={"close_code": code, "conn_id": conn.welcome.conn_id if conn.welcome else None},
+        )
+        if close_is_fatal(code) and not self._stop.is_set():
+            assert code is not None  # close_is_fatal(None) is False
+            raise FatalRefusal(_close_reason(code, ws.close_reason or ""))
+        return conn
+
+    async def _serve(self, conn: _Connection) -> None:
+        """Run the reader until the socket ends, the welcome is late, or ``stop()``."""
+        s = self.settings
+        reader = asyncio.create_task(self._read_loop(conn), name="agent-reader")
+        stopping = asyncio.create_task(self._stop.wait(), name="agent-stop")
+        welcomed = asyncio.create_task(conn.welcomed.wait(), name="agent-welcome")
+        try:
+            done, _ = await asyncio.wait(
+                {reader, stopping, welcomed},
+                timeout=s.welcome_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                log.warning("no welcome from gateway in time; closing")
+                await conn.ws.close(CloseCode.PROTOCOL_ERROR, "no welcome")
+            elif reader not in done and stopping not in done:
+                await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not reader.done():
+                await conn.ws.close(CloseCode.NORMAL, "agent shutting down")
+            # closing above is bounded by close_timeout_s; the reader then sees the end
+            try:
+                async with asyncio.timeout(s.close_timeout_s + s.send_timeout_s):
+                    await reader
+            except TimeoutError:
+                log.warning("connection did not end in time; aborting it")
+                conn.ws.transport.abort()
+        finally:
+            for task in (reader, stopping, welcomed, conn.heartbeat):
+                if task is not None and not task.done():
+                    task.cancel()
+            if conn.heartbeat is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await conn.heartbeat
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        """The one reader of this connection: decode, dispatch, answer."""
+        try:
+            async for raw in conn.ws:
+                try:
+                    await self._on_frame(conn, raw)
+                except ConnectionClosed:
+                    raise
+                except Exception:
+                    # a bug in handling one frame must not take the connection down with it
+                    log.exception("unexpected error while handling a frame; skipped")
+        except ConnectionClosed:
+            pass  # abnormal end (1006, reset, ping timeout); the close code is on the socket
+
+    async def _on_frame(self, conn: _Connection, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            # protocol version 1 carries frames in text messages only (docs/protocol.md)
+            log.warning("binary frame from gateway skipped", extra={"frame_bytes": len(raw)})
+            return
+        try:
+            frame = decode_server_to_agent(raw, self.settings.max_frame_bytes)
+        except ProtocolError as exc:
+            # never the content: it may carry technician data
+            log.warning(
+                "malformed frame from gateway skipped",
+                extra={"error_code": exc.code.value, "frame_bytes": len(raw)},
+            )
+            return
+        if isinstance(frame, Welcome):
+            self._on_welcome(conn, frame)
+        elif isinstance(frame, ErrorFrame):
+            log.warning(
+                "gateway refused a frame",
+                extra={
+                    "error_code": frame.code.value,
+                    "req_id": frame.req_id,
+                    "error": frame.message[:200],
+                },
+            )
+        elif isinstance(frame, Reconnect):
+            conn.reconnect_delay_s = frame.delay_ms / 1000
+            log.info(
+                "gateway asked to reconnect",
+                extra={"delay_ms": frame.delay_ms, "reason": frame.reason},
+            )
+            await conn.ws.close(CloseCode.NORMAL, "reconnect requested")
+        else:
+            for answer in self.tunnel.handle(frame):
+                await self._send(conn, answer)
+
+    def _on_welcome(self, conn: _Connection, frame: Welcome) -> None:
+        if conn.welcome is not None:
+            log.warning("duplicate welcome ignored")
+            return
+        conn.welcome = frame
+        interval = max(
+            min(self.settings.heartbeat_interval_s, frame.heartbeat_interval_s),
+            _MIN_HEARTBEAT_INTERVAL_S,
+        )
+        log.info(
+            "welcomed by gateway",
+            extra={
+                "agent_id": frame.agent_id,
+                "conn_id": frame.conn_id,
+                "gateway_id": frame.gateway_id,
+                "heartbeat_interval_s": interval,
+            },
+        )
+        conn.heartbeat = asyncio.create_task(
+            self._heartbeat_loop(conn, interval), name="agent-heartbeat"
+        )
+        conn.welcomed.set()
+
+    async def _heartbeat_loop(self, conn: _Connection, interval_s: float) -> None:
+        """A heartbeat at once, then every ``interval_s``, until the socket ends."""
+        try:
+            while True:
+                metrics = await self._collect_metrics(conn)
+                if metrics is not None:
+                    await self._send(
+                        conn,
+                        Heartbeat(
+                            sent_at=datetime.now(UTC),
+                            mode=self.tunnel.mode.value,
+                            session_id=self.tunnel.session_id,
+                            metrics=metrics,
+                        ),
+                    )
+                await asyncio.sleep(interval_s)
+        except ConnectionClosed:
+            return
+
+    async def _collect_metrics(self, conn: _Connection) -> HostMetrics | None:
+        """Fresh metrics, else the last ones (a hung disk or psutil error must not stop beats)."""
+        try:
+            async with asyncio.timeout(self.settings.metrics_timeout_s):
+                conn.last_metrics = await asyncio.to_thread(self._metrics)
+        except TimeoutError:
+            log.warning("host metrics timed out; reusing the last ones")
+        except Exception:
+            log.exception("host metrics failed; reusing the last ones")
+        return conn.last_metrics
+
+    async def _send(self, conn: _Connection, frame: AgentToServer) -> None:
+        """The one way out: serialized, in order, bounded by ``send_timeout_s``."""
+        async with conn.send_lock:
+            try:
+                async with asyncio.timeout(self.settings.send_timeout_s):
+                    await conn.ws.send(encode_text(frame))
+            except TimeoutError:
+                log.warning("gateway stopped reading; aborting the connection")
+                conn.ws.transport.abort()
+                raise ConnectionClosed(None, None) from None

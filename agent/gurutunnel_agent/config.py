@@ -1,0 +1,174 @@
+"""Agent settings: environment (``GT_AGENT_*``) over an optional TOML file, validated once.
+
+Contract:
+- ``load_settings(config_file)`` builds :class:`AgentSettings` from, in decreasing priority,
+  keyword overrides, the environment (prefix ``GT_AGENT_``), then the TOML file named by
+  ``config_file`` or ``GT_AGENT_CONFIG_FILE`` (flat keys named like the fields). Nothing is read
+  at import time.
+- Bad configuration raises :class:`ConfigError` (a missing or unreadable file, bad TOML) or
+  ``pydantic.ValidationError`` (bad values); ``main`` turns both into exit code 1.
+- Exactly one of ``credential`` and ``credential_file`` is set. The file is re-read on every
+  connection attempt (:meth:`AgentSettings.read_credential`) so a rotated credential is picked
+  up without a restart.
+- Durations end in ``_s``, sizes in ``_bytes``; every wait of the agent is one of these.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
+
+CONFIG_FILE_ENV = "GT_AGENT_CONFIG_FILE"
+
+# A bearer credential is a compact JWT; anything with whitespace or control characters would
+# corrupt the HTTP header it travels in (header injection), so refuse it at load time.
+_CREDENTIAL_RE = re.compile(r"^[\x21-\x7e]{1,8192}$")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be loaded (file missing, unreadable, not TOML)."""
+
+
+class CredentialError(Exception):
+    """The credential file cannot be read or holds no usable credential."""
+
+
+def _check_credential(value: str, *, where: str) -> str:
+    if not _CREDENTIAL_RE.fullmatch(value):
+        # never echo the value: it is a secret
+        raise CredentialError(f"{where}: must be 1-8192 printable characters without spaces")
+    return value
+
+
+class AgentSettings(BaseSettings):
+    """Every setting of the agent (env ``GT_AGENT_<NAME>``, or ``name = ...`` in the TOML file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GT_AGENT_",
+        extra="forbid",
+        frozen=True,
+    )
+
+    gateway_url: str = Field(description="e.g. ws://127.0.0.1:8081/agent/v1/connect")
+    credential: SecretStr | None = None
+    credential_file: Path | None = None
+
+    heartbeat_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    """Upper bound between heartbeats; the gateway's ``welcome`` may ask for a shorter one."""
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    """Bound on TCP connect + WebSocket handshake."""
+    welcome_timeout_s: float = Field(default=10.0, gt=0)
+    """Bound on the wait for the gateway's ``welcome`` after the upgrade."""
+    close_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on the closing handshake."""
+    send_timeout_s: float = Field(default=10.0, gt=0)
+    """Bound on one send; a gateway that does not read for that long is treated as gone."""
+    metrics_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on collecting host metrics (a hung disk must not stop heartbeats for ever)."""
+    max_frame_bytes: int = Field(default=1 << 20, ge=1024)
+
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    backoff_factor: float = Field(default=2.0, ge=1)
+    backoff_jitter: bool = True
+    """Full jitter: each delay is uniform in [0, capped exponential]; off only for tests."""
+    backoff_reset_after_s: float = Field(default=30.0, ge=0)
+    """A connection that stayed up this long resets the backoff to its initial value."""
+    reconnect_jitter_s: float = Field(default=1.0, ge=0)
+    """Random extra delay in [0, this] added to a gateway's ``reconnect{delay_ms}``."""
+
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # env overrides the file; no .env or secrets directory: one documented place each
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _gateway_url_is_websocket(cls, value: str) -> str:
+        try:
+            parse_uri(value)
+        except InvalidURI:
+            raise ValueError("must be a ws:// or wss:// URL") from None
+        if "@" in value.split("/", 3)[2]:
+            # credentials travel in a header, never in a URL (they would reach access logs)
+            raise ValueError("must not contain user info; use credential or credential_file")
+        return value
+
+    @field_validator("credential")
+    @classmethod
+    def _credential_is_header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                _check_credential(value.get_secret_value(), where="credential")
+            except CredentialError as exc:
+                raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> AgentSettings:
+        if (self.credential is None) == (self.credential_file is None):
+            raise ValueError("set exactly one of credential and credential_file")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        if self.credential_file is not None:
+            try:
+                self.read_credential()
+            except CredentialError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def read_credential(self) -> str:
+        """The bearer credential, re-read from ``credential_file`` at every call."""
+        if self.credential is not None:
+            return self.credential.get_secret_value()
+        assert self.credential_file is not None  # guaranteed by the model validator
+        try:
+            text = self.credential_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+            raise CredentialError(f"credential_file {self.credential_file}: {reason}") from None
+        return _check_credential(text.strip(), where=f"credential_file {self.credential_file}")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from ``overrides`` > environment > TOML file (``config_file`` or env)."""
+    if config_file is None and os.environ.get(CONFIG_FILE_ENV):
+        config_file = Path(os.environ[CONFIG_FILE_ENV])
+    if config_file is None:
+        return AgentSettings(**overrides)
+    try:
+        with config_file.open("rb") as fh:
+            tomllib.load(fh)  # parsed here first so a bad file gets a clear error
+    except OSError as exc:
+        raise ConfigError(f"config file {config_file}: {exc.strerror or 'unreadable'}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file}: invalid TOML: {exc}") from None
+
+    class FileAgentSettings(AgentSettings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    return FileAgentSettings(**overrides)

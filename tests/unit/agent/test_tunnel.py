@@ -1,0 +1,253 @@
+"""Unit tests of the agent's sans-I/O tunnel state machine (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gurutunnel_agent.tunnel import (
+    ChannelExists,
+    NoSuchChannel,
+    NoSuchSession,
+    TunnelBusy,
+    TunnelManager,
+    TunnelMode,
+)
+from gurutunnel_protocol import ErrorCode
+from gurutunnel_protocol.messages import (
+    ChannelClose,
+    ChannelClosed,
+    ChannelOpen,
+    ChannelOpened,
+    ChannelType,
+    ErrorFrame,
+    Reconnect,
+    Terminal,
+    TunnelClose,
+    TunnelClosed,
+    TunnelData,
+    TunnelError,
+    TunnelOpen,
+    TunnelReady,
+    Welcome,
+)
+
+
+def mode(tunnel: TunnelManager) -> TunnelMode:
+    # a call, not an attribute, so mypy does not narrow the mode across state changes
+    return tunnel.mode
+
+
+@pytest.fixture
+def tunnel() -> TunnelManager:
+    return TunnelManager()
+
+
+@pytest.fixture
+def open_tunnel(tunnel: TunnelManager) -> TunnelManager:
+    tunnel.open_tunnel("s1", "tech1")
+    return tunnel
+
+
+def test_tunnel_lifecycle(tunnel: TunnelManager) -> None:
+    """Open enters tunnel mode, a mismatched close is refused, the right close returns."""
+    assert mode(tunnel) is TunnelMode.HEARTBEAT
+    tunnel.open_tunnel("s1", "tech1")
+    assert mode(tunnel) is TunnelMode.TUNNEL
+    assert (tunnel.session_id, tunnel.tech_id) == ("s1", "tech1")
+    with pytest.raises(NoSuchSession):
+        tunnel.close_tunnel("other")
+    assert mode(tunnel) is TunnelMode.TUNNEL
+    tunnel.close_tunnel("s1")
+    assert mode(tunnel) is TunnelMode.HEARTBEAT
+    assert tunnel.session_id is None
+
+
+def test_second_concurrent_session_is_refused_busy(open_tunnel: TunnelManager) -> None:
+    """A second session while one is open raises TunnelBusy (code tunnel_busy)."""
+    with pytest.raises(TunnelBusy) as info:
+        open_tunnel.open_tunnel("s2", "tech2")
+    assert info.value.code is ErrorCode.TUNNEL_BUSY
+    assert open_tunnel.session_id == "s1"
+
+
+def test_reopening_the_same_session_is_idempotent(open_tunnel: TunnelManager) -> None:
+    """A re-delivered open of the held session keeps it and its channels."""
+    open_tunnel.add_channel("c1", ChannelType.TERMINAL)
+    open_tunnel.open_tunnel("s1", "tech1")
+    assert open_tunnel.session_id == "s1"
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
+    with pytest.raises(TunnelBusy):
+        open_tunnel.open_tunnel("s1", "another-tech")
+
+
+def test_close_without_session_is_refused(tunnel: TunnelManager) -> None:
+    """Closing in heartbeat mode raises NoSuchSession (code no_such_session)."""
+    with pytest.raises(NoSuchSession) as info:
+        tunnel.close_tunnel("s1")
+    assert info.value.code is ErrorCode.NO_SUCH_SESSION
+
+
+def test_channel_management(open_tunnel: TunnelManager) -> None:
+    """Add, duplicate refused, remove, unknown refused, channels dropped on close."""
+    open_tunnel.add_channel("c1", ChannelType.TERMINAL)
+    open_tunnel.add_channel("c2", ChannelType.FILE)
+    with pytest.raises(ChannelExists) as exists:
+        open_tunnel.add_channel("c1", ChannelType.FILE)
+    assert exists.value.code is ErrorCode.CHANNEL_EXISTS
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL, "c2": ChannelType.FILE}
+    open_tunnel.remove_channel("c1")
+    with pytest.raises(NoSuchChannel) as missing:
+        open_tunnel.remove_channel("c1")
+    assert missing.value.code is ErrorCode.NO_SUCH_CHANNEL
+    open_tunnel.close_tunnel("s1")
+    assert open_tunnel.channels == {}
+    open_tunnel.open_tunnel("s2", "tech1")
+    assert open_tunnel.channels == {}
+
+
+def test_channel_outside_tunnel_is_refused(tunnel: TunnelManager) -> None:
+    """Channels exist only inside a tunnel: adding one in heartbeat mode is no_such_session."""
+    with pytest.raises(NoSuchSession):
+        tunnel.add_channel("c1", ChannelType.TERMINAL)
+    assert tunnel.channels == {}
+
+
+def test_force_close_drops_session_and_channels(open_tunnel: TunnelManager) -> None:
+    """force_close returns the dropped session id and goes back to heartbeat mode."""
+    open_tunnel.add_channel("c1", ChannelType.TERMINAL)
+    assert open_tunnel.force_close() == "s1"
+    assert mode(open_tunnel) is TunnelMode.HEARTBEAT
+    assert open_tunnel.channels == {}
+    assert open_tunnel.force_close() is None
+    open_tunnel.open_tunnel("s2", "tech2")
+    assert open_tunnel.session_id == "s2"
+
+
+# -- handle(): one answer per server frame -------------------------------------------------
+
+
+def test_handle_open_answers_ready_with_same_req_id(tunnel: TunnelManager) -> None:
+    """tunnel.open -> tunnel.ready echoing req_id and session_id."""
+    answers = tunnel.handle(TunnelOpen(req_id="r1", session_id="s1", tech_id="t1"))
+    assert answers == [TunnelReady(req_id="r1", session_id="s1")]
+    assert mode(tunnel) is TunnelMode.TUNNEL
+
+
+def test_handle_second_open_answers_tunnel_busy(open_tunnel: TunnelManager) -> None:
+    """tunnel.open while busy -> tunnel.error{tunnel_busy} with the request's req_id."""
+    [answer] = open_tunnel.handle(TunnelOpen(req_id="r2", session_id="s2", tech_id="t2"))
+    assert isinstance(answer, TunnelError)
+    assert (answer.code, answer.req_id, answer.session_id) == (ErrorCode.TUNNEL_BUSY, "r2", "s2")
+    assert open_tunnel.session_id == "s1"
+
+
+def test_handle_close_answers_closed(open_tunnel: TunnelManager) -> None:
+    """tunnel.close -> tunnel.closed with req_id and reason, back to heartbeat mode."""
+    answers = open_tunnel.handle(TunnelClose(req_id="r3", session_id="s1", reason="idle_timeout"))
+    assert answers == [TunnelClosed(req_id="r3", session_id="s1", reason="idle_timeout")]
+    assert mode(open_tunnel) is TunnelMode.HEARTBEAT
+
+
+def test_handle_close_of_other_session_answers_no_such_session(
+    open_tunnel: TunnelManager,
+) -> None:
+    """tunnel.close naming another session -> tunnel.error{no_such_session}, still open."""
+    [answer] = open_tunnel.handle(TunnelClose(req_id="r4", session_id="zz"))
+    assert isinstance(answer, TunnelError)
+    assert (answer.code, answer.req_id) == (ErrorCode.NO_SUCH_SESSION, "r4")
+    assert open_tunnel.session_id == "s1"
+
+
+def test_handle_channel_open_and_close_answer_opened_and_closed(
+    open_tunnel: TunnelManager,
+) -> None:
+    """channel.open -> channel.opened; channel.close -> channel.closed; ids echoed."""
+    opened = open_tunnel.handle(
+        ChannelOpen(req_id="r5", session_id="s1", channel_id="c1", channel_type="terminal")
+    )
+    assert opened == [
+        ChannelOpened(req_id="r5", session_id="s1", channel_id="c1", channel_type="terminal")
+    ]
+    closed = open_tunnel.handle(ChannelClose(req_id="r6", session_id="s1", channel_id="c1"))
+    assert closed == [ChannelClosed(req_id="r6", session_id="s1", channel_id="c1")]
+    assert open_tunnel.channels == {}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (
+            ChannelOpen(req_id="r", session_id="s1", channel_id="c1", channel_type="file"),
+            ErrorCode.CHANNEL_EXISTS,
+        ),
+        (
+            ChannelOpen(req_id="r", session_id="other", channel_id="c9", channel_type="file"),
+            ErrorCode.NO_SUCH_SESSION,
+        ),
+        (ChannelClose(req_id="r", session_id="s1", channel_id="c9"), ErrorCode.NO_SUCH_CHANNEL),
+        (ChannelClose(req_id="r", session_id="other", channel_id="c1"), ErrorCode.NO_SUCH_SESSION),
+        (
+            Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls"),
+            ErrorCode.NOT_IMPLEMENTED,
+        ),
+        (TunnelData(session_id="s1", channel_id="c1", data=b"x"), ErrorCode.NOT_IMPLEMENTED),
+        (
+            Terminal(req_id="r", session_id="s1", channel_id="c9", command="ls"),
+            ErrorCode.NO_SUCH_CHANNEL,
+        ),
+        (TunnelData(session_id="other", channel_id="c1", data=b"x"), ErrorCode.NO_SUCH_SESSION),
+    ],
+    ids=[
+        "duplicate-channel",
+        "channel-open-other-session",
+        "unknown-channel-close",
+        "channel-close-other-session",
+        "terminal-command",
+        "tunnel-data",
+        "terminal-unknown-channel",
+        "data-other-session",
+    ],
+)
+def test_handle_refusals_answer_tunnel_error_with_code(
+    open_tunnel: TunnelManager,
+    frame: ChannelOpen | ChannelClose | Terminal | TunnelData,
+    code: ErrorCode,
+) -> None:
+    """Each refused request is answered by exactly one tunnel.error with the documented code."""
+    open_tunnel.add_channel("c1", ChannelType.TERMINAL)
+    [answer] = open_tunnel.handle(frame)
+    assert isinstance(answer, TunnelError)
+    assert answer.code is code
+    assert answer.session_id == frame.session_id
+    assert answer.channel_id == frame.channel_id
+    assert answer.req_id == getattr(frame, "req_id", None)
+    assert open_tunnel.session_id == "s1"
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
+
+
+def test_handle_channel_frames_in_heartbeat_mode_answer_no_such_session(
+    tunnel: TunnelManager,
+) -> None:
+    """channel.open without a tunnel -> tunnel.error{no_such_session}."""
+    [answer] = tunnel.handle(
+        ChannelOpen(req_id="r", session_id="s1", channel_id="c1", channel_type="terminal")
+    )
+    assert isinstance(answer, TunnelError)
+    assert answer.code is ErrorCode.NO_SUCH_SESSION
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Welcome(agent_id="a", conn_id="c", gateway_id="g", heartbeat_interval_s=1),
+        ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message="bad"),
+        Reconnect(delay_ms=10),
+    ],
+    ids=["welcome", "error", "reconnect"],
+)
+def test_handle_connection_level_frames_answer_nothing(
+    open_tunnel: TunnelManager, frame: Welcome | ErrorFrame | Reconnect
+) -> None:
+    """welcome, error and reconnect are the client's business: no answer, no state change."""
+    assert open_tunnel.handle(frame) == []
+    assert open_tunnel.session_id == "s1"

@@ -1,0 +1,1 @@
+"""Development stack: run gurutunnel's processes on one machine (demo and end-to-end tests)."""

@@ -1,0 +1,80 @@
+"""End-to-end fixtures: the real API (uvicorn), gateway and agent processes on real NATS.
+
+One stack per module and database (SQLite and PostgreSQL), with compressed timings; each test
+enrols agents of its own, so tests do not depend on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from devstack.stack import Stack, StackConfig
+
+E2E_API_ENV = {"GT_API_OPEN_TIMEOUT_S": "2", "GT_API_CLOSE_TIMEOUT_S": "2"}
+E2E_GATEWAY_ENV = {
+    "GT_GATEWAY_PING_INTERVAL_S": "1",
+    "GT_GATEWAY_PING_TIMEOUT_S": "1",
+    "GT_GATEWAY_HEARTBEAT_INTERVAL_S": "0.5",
+}
+E2E_AGENT_ENV = {
+    "GT_AGENT_HEARTBEAT_INTERVAL_S": "1",
+    "GT_AGENT_BACKOFF_INITIAL_S": "0.1",
+    "GT_AGENT_BACKOFF_MAX_S": "1",
+}
+
+
+async def _create_db(server: str, name: str) -> None:
+    conn = await asyncpg.connect(server, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(server: str, name: str) -> None:
+    conn = await asyncpg.connect(server, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(
+    request: pytest.FixtureRequest, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """API + gateway processes on this module's own database and subject prefix."""
+    root: Path = tmp_path_factory.mktemp(f"stack-{request.param}")
+    database_url: str | None = None
+    db_name = ""
+    server = ""
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        db_name = f"gt_e2e_{secrets.token_hex(6)}"
+        asyncio.run(_create_db(server, db_name))
+        base = server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        database_url = f"{base}/{db_name}"
+    config = StackConfig(
+        root=root,
+        nats_url=nats_url,
+        database_url=database_url,
+        subject_prefix=f"e{secrets.token_hex(4)}.gt",
+        api_env=E2E_API_ENV,
+        gateway_env=E2E_GATEWAY_ENV,
+        agent_env=E2E_AGENT_ENV,
+    )
+    s = Stack(config)
+    try:
+        s.start_api()
+        s.start_gateway()
+        yield s
+    finally:
+        s.close()
+        if db_name:
+            asyncio.run(_drop_db(server, db_name))

@@ -1,0 +1,53 @@
+"""Tables ``agent``, ``agent_connection`` (fencing of presence events) and ``gateway_lease``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from ..db import UTCDateTime, utcnow
+
+
+class Agent(SQLModel, table=True):
+    """An enrolled machine; ``conn_id`` is its newest known connection (the fencing token)."""
+
+    __tablename__ = "agent"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    online: bool = Field(default=False)
+    conn_id: str | None = Field(default=None, max_length=64)
+    gateway_id: str | None = Field(default=None, max_length=64)
+    last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    metrics: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+
+
+class AgentConnection(SQLModel, table=True):
+    """One socket of an agent on a gateway, as the presence events described it."""
+
+    __tablename__ = "agent_connection"
+
+    conn_id: str = Field(primary_key=True, max_length=64)
+    agent_id: str = Field(foreign_key="agent.id", ondelete="CASCADE", index=True, max_length=64)
+    gateway_id: str = Field(max_length=64)
+    boot_id: str = Field(max_length=64)
+    connected_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    disconnected_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class GatewayLease(SQLModel, table=True):
+    """The last heartbeat of each gateway (read by the lease reaper, a later issue)."""
+
+    __tablename__ = "gateway_lease"
+
+    gateway_id: str = Field(primary_key=True, max_length=64)
+    boot_id: str = Field(max_length=64)
+    last_seen_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    lease_ttl_s: float
+    agents: int = Field(default=0)
+    draining: bool = Field(default=False)

@@ -1,0 +1,30 @@
+"""``POST /api/v1/auth/token`` (password for a short-lived technician JWT) and
+``POST /api/v1/users`` (admin creates a technician of any role)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from ..deps import AdminUser, SessionDep, SettingsDep
+from . import service
+from .schemas import TechnicianCreate, TechnicianPublic, TokenPublic, TokenRequest
+
+router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+users_router = APIRouter(prefix="/api/v1/users", tags=["auth"])
+
+
+@router.post("/token", response_model=TokenPublic)
+async def issue_token(body: TokenRequest, db: SessionDep, settings: SettingsDep) -> TokenPublic:
+    return await service.issue_token(
+        db, settings=settings, username=body.username, password=body.password
+    )
+
+
+@users_router.post("", response_model=TechnicianPublic, status_code=status.HTTP_201_CREATED)
+async def create_technician(
+    body: TechnicianCreate, db: SessionDep, _: AdminUser
+) -> TechnicianPublic:
+    tech = await service.create_technician(
+        db, username=body.username, password=body.password, role=body.role
+    )
+    return TechnicianPublic.from_row(tech)

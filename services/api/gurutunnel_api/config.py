@@ -1,0 +1,66 @@
+"""Settings of the API service: one ``ApiSettings`` read from ``GT_API_*`` environment variables.
+
+Durations end in ``_s`` (seconds). Nothing reads the environment at import time: ``create_app``
+and the CLI build the settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gurutunnel_protocol import DEFAULT_PREFIX
+
+DAY_S = 24 * 3600
+
+
+class ApiSettings(BaseSettings):
+    """Every tunable of the API (env prefix ``GT_API_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GT_API_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    # database
+    database_url: str = "sqlite+aiosqlite:///./.gurutunnel/api.db"
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    """Bound of one database statement, connection attempt and pool checkout."""
+    sqlite_busy_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a SQLite writer waits for the lock before ``database is locked``."""
+    db_pool_size: int = Field(default=10, ge=1)
+
+    # bus
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = DEFAULT_PREFIX
+    nats_connect_timeout_s: float = Field(default=2.0, gt=0)
+    nats_ping_interval_s: float = Field(default=5.0, gt=0)
+    nats_max_outstanding_pings: int = Field(default=2, ge=1)
+    nats_reconnect_wait_s: float = Field(default=0.5, gt=0)
+    nats_max_reconnect_attempts: int = -1
+    """-1 reconnects forever (readiness reports the outage meanwhile)."""
+    nats_drain_timeout_s: float = Field(default=5.0, gt=0)
+    presence_fetch_batch: int = Field(default=64, ge=1)
+    presence_fetch_timeout_s: float = Field(default=1.0, gt=0)
+    presence_ack_wait_s: float = Field(default=30.0, gt=0)
+    presence_nak_delay_s: float = Field(default=1.0, ge=0)
+
+    # tokens
+    jwt_secret: SecretStr
+    jwt_ttl_s: int = Field(default=900, gt=0)
+    agent_signing_key_file: Path | None = None
+    """Ed25519 private key (PKCS#8 PEM) signing agent credentials (``gurutunnel-api keygen``)."""
+    agent_credential_ttl_s: int = Field(default=365 * DAY_S, gt=0)
+
+    # sessions
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    close_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("jwt_secret must be at least 32 characters")
+        return value

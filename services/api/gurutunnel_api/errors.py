@@ -1,0 +1,183 @@
+"""The one place that turns failures into HTTP answers.
+
+Every error response is ``{"error": {"code": ErrorCode, "message": str}}``; no response ever
+carries a stack trace. Domain errors of the services (:class:`ApiError` subclasses) and of the bus
+(:mod:`.bus`) map to fixed statuses; request validation is 422 ``validation_error``; unknown
+routes 404 ``not_found``; wrong methods 405 ``method_not_allowed``; a database that does not
+answer 503 ``database_unavailable``; anything unexpected is logged with its trace and answered
+500 ``internal_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gurutunnel_protocol import ErrorCode
+
+from .bus import AgentOffline, AgentRefused, AgentTimeout, BusError, BusUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A failure with a documented HTTP answer."""
+
+    status: int = 500
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(ApiError):
+    status, code = 401, ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(ApiError):
+    status, code = 403, ErrorCode.FORBIDDEN
+
+
+class NotFound(ApiError):
+    status, code = 404, ErrorCode.NOT_FOUND
+
+
+class Conflict(ApiError):
+    """409; ``code`` says which conflict (session_exists, agent_offline, agent_busy, ...)."""
+
+    status, code = 409, ErrorCode.CONFLICT
+
+
+class AgentFailed(ApiError):
+    """The agent answered something that is not what the request needed."""
+
+    status, code = 502, ErrorCode.AGENT_ERROR
+
+
+class GatewayTimeout(ApiError):
+    status, code = 504, ErrorCode.AGENT_TIMEOUT
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, ErrorCode.SERVICE_UNAVAILABLE
+
+
+_STATUS_CODES = {
+    400: ErrorCode.VALIDATION_ERROR,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    409: ErrorCode.CONFLICT,
+    422: ErrorCode.VALIDATION_ERROR,
+    503: ErrorCode.SERVICE_UNAVAILABLE,
+}
+
+
+def error_body(code: ErrorCode, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code.value, "message": message}}
+
+
+def error_response(
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def bus_error_to_api(exc: BusError) -> ApiError:
+    """Map a bus failure to its HTTP answer (used by the handler and by the services)."""
+    if isinstance(exc, AgentOffline):
+        return Conflict("agent is offline", code=ErrorCode.AGENT_OFFLINE)
+    if isinstance(exc, AgentTimeout):
+        return GatewayTimeout("agent did not answer in time")
+    if isinstance(exc, BusUnavailable):
+        return ServiceUnavailable("message bus unavailable", code=ErrorCode.BUS_UNAVAILABLE)
+    if isinstance(exc, AgentRefused):
+        if exc.code == ErrorCode.TUNNEL_BUSY:
+            return Conflict("agent is busy with another session", code=ErrorCode.AGENT_BUSY)
+        if exc.code == ErrorCode.AGENT_OFFLINE:
+            return Conflict("agent is offline", code=ErrorCode.AGENT_OFFLINE)
+        if exc.code == ErrorCode.AGENT_TIMEOUT:
+            return GatewayTimeout("agent did not answer in time")
+        return AgentFailed(f"agent refused the command ({exc.code.value})")
+    return ApiError("unexpected bus error")
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True for failures that mean "the database does not answer" rather than a bug."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | OSError,
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    # the message names the field and the rule, never the rejected input
+    return f"{where}: {first.get('msg', 'invalid')}{more}"[:512]
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc.status, exc.code, exc.message, headers)
+
+
+async def _bus_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BusError)
+    return await _api_error(request, bus_error_to_api(exc))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, ErrorCode.VALIDATION_ERROR, _validation_message(exc))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, ErrorCode.INTERNAL_ERROR)
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "error"
+    message = exc.detail if isinstance(exc.detail, str) else phrase
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_database_unavailable(exc):
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        return error_response(503, ErrorCode.DATABASE_UNAVAILABLE, "database unavailable")
+    return await _unexpected(request, exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every mapping above on ``app``."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(BusError, _bus_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, _database_error)
+    app.add_exception_handler(OSError, _database_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,102 @@
+"""The FastAPI application: ``create_app(settings)`` and the lifespan owning engine and bus.
+
+Startup: build the engine, load the agent signing key (when configured; an unreadable key fails
+startup), connect the bus and start its consumers (a NATS that cannot be reached fails startup
+with ``BusUnavailable``). Shutdown: stop the bus (bounded drain), dispose the engine.
+Schema migrations are not run here: ``gurutunnel-api serve --migrate`` (default) or
+``gurutunnel-api migrate`` does that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from gurutunnel_protocol import ErrorCode
+
+from .agents.events import handle_agent_heartbeat, handle_gateway_heartbeat
+from .agents.router import router as agents_router
+from .audit.router import router as audit_router
+from .auth.router import router as auth_router
+from .auth.router import users_router
+from .bus import BusHandlers, NatsBus
+from .config import ApiSettings
+from .db import make_engine, make_sessionmaker, ping
+from .errors import error_response, install_error_handlers
+from .security import load_agent_signing_key
+from .sessions.events import handle_presence
+from .sessions.router import router as sessions_router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the application; settings come from ``GT_API_*`` when not given."""
+    settings = settings or ApiSettings()  # jwt_secret comes from the env
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        sessionmaker = make_sessionmaker(engine)
+        key = (
+            load_agent_signing_key(settings.agent_signing_key_file)
+            if settings.agent_signing_key_file
+            else None
+        )
+        bus = NatsBus(
+            settings,
+            BusHandlers(
+                on_presence=partial(handle_presence, sessionmaker),
+                on_agent_heartbeat=partial(handle_agent_heartbeat, sessionmaker),
+                on_gateway_heartbeat=partial(handle_gateway_heartbeat, sessionmaker),
+            ),
+        )
+        try:
+            await bus.start()
+        except BaseException:
+            await bus.close()
+            await engine.dispose()
+            raise
+        app.state.engine = engine
+        app.state.sessionmaker = sessionmaker
+        app.state.bus = bus
+        app.state.agent_signing_key = key
+        try:
+            yield
+        finally:
+            await bus.close()
+            await engine.dispose()
+
+    app = FastAPI(title="gurutunnel API", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(auth_router)
+    app.include_router(users_router)
+    app.include_router(agents_router)
+    app.include_router(sessions_router)
+    app.include_router(audit_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Alive (the process answers)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    async def readyz(request: Request) -> dict[str, str] | JSONResponse:
+        """Ready when the database answers and NATS is connected; else 503 with the reason."""
+        try:
+            await asyncio.wait_for(ping(request.app.state.engine), settings.request_timeout_s)
+        except Exception as exc:
+            log.warning("readiness: database unavailable", extra={"error": type(exc).__name__})
+            return error_response(503, ErrorCode.DATABASE_UNAVAILABLE, "database unavailable")
+        if not request.app.state.bus.connected:
+            return error_response(503, ErrorCode.BUS_UNAVAILABLE, "message bus unavailable")
+        return {"status": "ready"}
+
+    return app

@@ -1,0 +1,126 @@
+"""Presence handlers: close sessions whose connection ended, with fencing by ``conn_id``.
+
+Contract (docs/design.md "Sessions (api)"), each handler in one transaction holding the agent
+row lock, and idempotent (a replayed event changes nothing and writes no audit row):
+- ``disconnected(conn_id)`` records the connection as gone, closes the sessions bound to that
+  connection (``agent_disconnected``, one audit row each) and marks the agent offline only if
+  ``agent.conn_id == conn_id`` (an old connection's disconnect never touches a newer one).
+- ``connected(conn_id)`` records the connection, marks the agent online on it unless a newer
+  connection is already known (or this one is already gone), and closes the agent's sessions
+  bound to any other connection that were activated before the event.
+Events for unknown agents are acknowledged and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gurutunnel_protocol.messages import AgentConnected, AgentDisconnected, PresenceEvent
+
+from ..agents.models import AgentConnection
+from ..audit.models import SYSTEM_ACTOR
+from .service import close_open_sessions, lock_agent
+
+log = logging.getLogger(__name__)
+
+
+async def handle_presence(
+    sessionmaker: async_sessionmaker[AsyncSession], event: PresenceEvent
+) -> None:
+    async with sessionmaker() as db:
+        if isinstance(event, AgentDisconnected):
+            await on_disconnected(db, event)
+        else:
+            await on_connected(db, event)
+
+
+async def on_disconnected(db: AsyncSession, event: AgentDisconnected) -> None:
+    async with db.begin():
+        agent = await lock_agent(db, event.agent_id)
+        if agent is None:
+            log.info("presence for unknown agent ignored", extra={"agent_id": event.agent_id})
+            return
+        conn = await db.get(AgentConnection, event.conn_id)
+        if conn is None:
+            db.add(
+                AgentConnection(
+                    conn_id=event.conn_id,
+                    agent_id=event.agent_id,
+                    gateway_id=event.gateway_id,
+                    boot_id=event.boot_id,
+                    disconnected_at=event.at,
+                )
+            )
+        elif conn.agent_id != event.agent_id:
+            log.warning(
+                "disconnect names a connection of another agent", extra={"conn_id": event.conn_id}
+            )
+            return
+        elif conn.disconnected_at is None:
+            conn.disconnected_at = event.at
+        await close_open_sessions(
+            db,
+            agent_id=event.agent_id,
+            conn_id=event.conn_id,
+            reason="agent_disconnected",
+            actor=SYSTEM_ACTOR,
+            detail={
+                "event_id": event.event_id,
+                "conn_id": event.conn_id,
+                "gateway_id": event.gateway_id,
+                "disconnect": event.reason.value,
+            },
+        )
+        if agent.conn_id == event.conn_id and agent.online:
+            agent.online = False
+
+
+async def on_connected(db: AsyncSession, event: AgentConnected) -> None:
+    async with db.begin():
+        agent = await lock_agent(db, event.agent_id)
+        if agent is None:
+            log.info("presence for unknown agent ignored", extra={"agent_id": event.agent_id})
+            return
+        conn = await db.get(AgentConnection, event.conn_id)
+        if conn is None:
+            conn = AgentConnection(
+                conn_id=event.conn_id,
+                agent_id=event.agent_id,
+                gateway_id=event.gateway_id,
+                boot_id=event.boot_id,
+                connected_at=event.at,
+            )
+            db.add(conn)
+        elif conn.agent_id != event.agent_id:
+            log.warning(
+                "connect names a connection of another agent", extra={"conn_id": event.conn_id}
+            )
+            return
+        elif conn.connected_at is None:
+            conn.connected_at = event.at
+        if conn.disconnected_at is None and agent.conn_id != event.conn_id:
+            current = await db.get(AgentConnection, agent.conn_id) if agent.conn_id else None
+            newer_known = (
+                current is not None
+                and current.connected_at is not None
+                and current.connected_at > event.at
+            )
+            if not newer_known:
+                agent.conn_id = event.conn_id
+                agent.gateway_id = event.gateway_id
+                agent.online = True
+                if agent.last_seen_at is None or agent.last_seen_at < event.at:
+                    agent.last_seen_at = event.at
+        elif conn.disconnected_at is None and not agent.online:
+            agent.online = True
+        await close_open_sessions(
+            db,
+            agent_id=event.agent_id,
+            other_than_conn_id=event.conn_id,
+            activated_before=event.at,
+            reason="agent_disconnected",
+            actor=SYSTEM_ACTOR,
+            detail={"event_id": event.event_id, "new_conn_id": event.conn_id},
+        )

@@ -1,0 +1,335 @@
+"""Fixtures for the API: the app in-process on real NATS and a real database, users, agents,
+and a fake gateway that answers ``agent.<id>.cmd`` requests on the real bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import nats
+import pytest
+from fastapi import FastAPI
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from gurutunnel_api.auth.models import Role, Technician
+from gurutunnel_api.config import ApiSettings
+from gurutunnel_api.db import make_engine, make_sessionmaker
+from gurutunnel_api.main import create_app
+from gurutunnel_api.migrations import upgrade_database
+from gurutunnel_api.security import generate_agent_keypair, hash_password, mint_tech_token
+from gurutunnel_protocol import ErrorCode, Subjects, new_id
+from gurutunnel_protocol.envelope import decode_agent_command, encode
+from gurutunnel_protocol.messages import (
+    AgentConnected,
+    AgentDisconnected,
+    CommandReply,
+    DisconnectReason,
+    PresenceEvent,
+    TunnelClose,
+    TunnelClosed,
+    TunnelError,
+    TunnelOpen,
+    TunnelReady,
+)
+from gurutunnel_protocol.messages.bus import AgentReply
+
+JWT_SECRET = "test-secret-" + "x" * 40
+PASSWORD = "correct horse battery staple"
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until true, failing after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def key_files(tmp_path: Path) -> tuple[Path, Path]:
+    private, public = generate_agent_keypair()
+    priv, pub = tmp_path / "agent-signing.pem", tmp_path / "agent-signing.pub.pem"
+    priv.write_bytes(private)
+    pub.write_bytes(public)
+    return priv, pub
+
+
+@pytest.fixture
+def api_settings(
+    database_url: str, nats_url: str, subject_prefix: str, key_files: tuple[Path, Path]
+) -> ApiSettings:
+    return ApiSettings(
+        database_url=database_url,
+        nats_url=nats_url,
+        subject_prefix=subject_prefix,
+        jwt_secret=JWT_SECRET,
+        agent_signing_key_file=key_files[0],
+        open_timeout_s=0.5,
+        close_timeout_s=0.5,
+        request_timeout_s=5.0,
+        presence_fetch_timeout_s=0.2,
+        presence_nak_delay_s=0.1,
+    )
+
+
+@pytest.fixture
+async def nc(nats_url: str, subject_prefix: str) -> AsyncIterator[NatsClient]:
+    """The test's own NATS connection; deletes the JetStream state of this prefix afterwards."""
+    client = await nats.connect(nats_url, connect_timeout=2)
+    yield client
+    subjects = Subjects(subject_prefix)
+    js = client.jetstream(timeout=5)
+    for name in (subjects.presence_stream, f"KV_{subjects.revocation_bucket}"):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+    await client.close()
+
+
+@pytest.fixture
+async def migrated(api_settings: ApiSettings) -> ApiSettings:
+    await upgrade_database(api_settings)
+    return api_settings
+
+
+@dataclass
+class Api:
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: ApiSettings
+
+
+@contextlib.asynccontextmanager
+async def running_api(settings: ApiSettings) -> AsyncIterator[Api]:
+    """The app with its lifespan running, reached through an in-process ASGI client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield Api(app=app, client=client, settings=settings)
+
+
+@pytest.fixture
+async def api(migrated: ApiSettings, nc: NatsClient) -> AsyncIterator[Api]:
+    async with running_api(migrated) as running:
+        yield running
+
+
+@dataclass
+class User:
+    id: str
+    username: str
+    role: Role
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@functools.cache
+def password_hash() -> str:
+    """One argon2 hash of PASSWORD for the whole run (hashing costs ~0.15 s on purpose)."""
+    return hash_password(PASSWORD)
+
+
+async def create_users(settings: ApiSettings, wanted: dict[str, Role]) -> dict[str, User]:
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as db, db.begin():
+            techs = [
+                Technician(id=new_id(), username=name, password_hash=password_hash(), role=role)
+                for name, role in wanted.items()
+            ]
+            db.add_all(techs)
+    finally:
+        await engine.dispose()
+    secret = settings.jwt_secret.get_secret_value()
+    return {
+        t.username: User(
+            id=t.id,
+            username=t.username,
+            role=Role(t.role),
+            token=mint_tech_token(secret=secret, tech_id=t.id, role=Role(t.role), ttl_s=300),
+        )
+        for t in techs
+    }
+
+
+@dataclass
+class Users:
+    admin: User
+    tech: User
+    tech2: User
+    viewer: User
+
+
+@pytest.fixture
+async def users(migrated: ApiSettings) -> Users:
+    made = await create_users(
+        migrated,
+        {"admin": Role.ADMIN, "tech": Role.TECH, "tech2": Role.TECH, "viewer": Role.VIEWER},
+    )
+    return Users(admin=made["admin"], tech=made["tech"], tech2=made["tech2"], viewer=made["viewer"])
+
+
+@dataclass
+class EnrolledAgent:
+    id: str
+    credential: str
+
+
+async def enroll(api: Api, admin: User, name: str = "pc-01") -> EnrolledAgent:
+    resp = await api.client.post("/api/v1/agents", json={"name": name}, headers=admin.headers)
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    return EnrolledAgent(id=body["agent"]["id"], credential=body["credential"])
+
+
+@pytest.fixture
+async def agent(api: Api, users: Users) -> EnrolledAgent:
+    return await enroll(api, users.admin)
+
+
+Mode = Literal["ready", "busy", "never", "error"]
+
+
+@dataclass
+class FakeGateway:
+    """Plays the gateway holding one agent: answers ``agent.<id>.cmd`` like a real agent would."""
+
+    nc: NatsClient
+    subjects: Subjects
+    agent_id: str
+    mode: Mode = "ready"
+    gateway_id: str = field(default_factory=new_id)
+    boot_id: str = field(default_factory=new_id)
+    conn_id: str = field(default_factory=new_id)
+    received: list[Any] = field(default_factory=list)
+    _sub: Any = None
+
+    async def start(self) -> FakeGateway:
+        self._sub = await self.nc.subscribe(
+            self.subjects.agent_commands(self.agent_id), cb=self._on_command
+        )
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            await self.nc.flush()
+            self._sub = None
+
+    async def _on_command(self, msg: Msg) -> None:
+        frame = decode_agent_command(msg.data)
+        self.received.append(frame)
+        answer: AgentReply
+        if isinstance(frame, TunnelOpen):
+            if self.mode == "never":
+                return
+            if self.mode == "busy":
+                answer = TunnelError(
+                    req_id=frame.req_id,
+                    session_id=frame.session_id,
+                    code=ErrorCode.TUNNEL_BUSY,
+                    error="already in a session",
+                )
+            elif self.mode == "error":
+                answer = TunnelClosed(req_id=frame.req_id, session_id=frame.session_id)
+            else:
+                answer = TunnelReady(req_id=frame.req_id, session_id=frame.session_id)
+        elif isinstance(frame, TunnelClose):
+            answer = TunnelClosed(
+                req_id=frame.req_id, session_id=frame.session_id, reason=frame.reason
+            )
+        else:
+            return
+        reply = CommandReply(
+            agent_id=self.agent_id,
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            conn_id=self.conn_id,
+            frame=answer,
+        )
+        await msg.respond(encode(reply))
+
+    def closes(self) -> list[TunnelClose]:
+        return [f for f in self.received if isinstance(f, TunnelClose)]
+
+    def connected(self, at: datetime | None = None) -> AgentConnected:
+        return AgentConnected(
+            agent_id=self.agent_id,
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            conn_id=self.conn_id,
+            event_id=new_id(),
+            at=at or datetime.now(UTC),
+        )
+
+    def disconnected(self, conn_id: str | None = None) -> AgentDisconnected:
+        return AgentDisconnected(
+            agent_id=self.agent_id,
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            conn_id=conn_id or self.conn_id,
+            event_id=new_id(),
+            at=datetime.now(UTC),
+            reason=DisconnectReason.CLOSED,
+        )
+
+
+@pytest.fixture
+async def gateway(
+    nc: NatsClient, subject_prefix: str, agent: EnrolledAgent
+) -> AsyncIterator[FakeGateway]:
+    gw = await FakeGateway(nc=nc, subjects=Subjects(subject_prefix), agent_id=agent.id).start()
+    yield gw
+    await gw.stop()
+
+
+class Presence:
+    """Publishes presence events on JetStream and waits until the API acknowledged them."""
+
+    def __init__(self, nc: NatsClient, subjects: Subjects) -> None:
+        self.js: JetStreamContext = nc.jetstream(timeout=5)
+        self.subjects = subjects
+
+    async def publish(self, event: PresenceEvent, *, msg_id: str | None = None) -> int:
+        ack = await self.js.publish(
+            self.subjects.presence(event.agent_id),
+            encode(event),
+            headers={"Nats-Msg-Id": msg_id or event.event_id},
+        )
+        return int(ack.seq)
+
+    async def wait_handled(self, seq: int, timeout_s: float = 5.0) -> None:
+        async def acked() -> bool:
+            info = await self.js.consumer_info(
+                self.subjects.presence_stream, self.subjects.presence_consumer
+            )
+            return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= seq
+
+        await wait_until(acked, timeout_s=timeout_s, what=f"presence seq {seq} acked")
+
+    async def send(self, event: PresenceEvent, *, msg_id: str | None = None) -> None:
+        await self.wait_handled(await self.publish(event, msg_id=msg_id))
+
+
+@pytest.fixture
+def presence(nc: NatsClient, subject_prefix: str) -> Presence:
+    return Presence(nc, Subjects(subject_prefix))

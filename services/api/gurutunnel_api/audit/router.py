@@ -9,13 +9,14 @@ from fastapi import APIRouter, Query
 from gurutunnel_protocol import ID_PATTERN
 
 from ..deps import AdminUser, SessionDep
+from ..schemas import error_responses
 from . import service
 from .schemas import AuditPublic, AuditsPublic
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
 
-@router.get("", response_model=AuditsPublic)
+@router.get("", response_model=AuditsPublic, responses=error_responses(401, 403))
 async def list_audit(
     db: SessionDep,
     _: AdminUser,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from ..deps import AdminUser, SessionDep, SettingsDep
+from ..schemas import error_responses
 from . import service
 from .schemas import TechnicianCreate, TechnicianPublic, TokenPublic, TokenRequest
 
@@ -13,14 +14,19 @@ router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 users_router = APIRouter(prefix="/api/v1/users", tags=["auth"])
 
 
-@router.post("/token", response_model=TokenPublic)
+@router.post("/token", response_model=TokenPublic, responses=error_responses(401))
 async def issue_token(body: TokenRequest, db: SessionDep, settings: SettingsDep) -> TokenPublic:
     return await service.issue_token(
         db, settings=settings, username=body.username, password=body.password
     )
 
 
-@users_router.post("", response_model=TechnicianPublic, status_code=status.HTTP_201_CREATED)
+@users_router.post(
+    "",
+    response_model=TechnicianPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(401, 403, 409),
+)
 async def create_technician(
     body: TechnicianCreate, db: SessionDep, _: AdminUser
 ) -> TechnicianPublic:

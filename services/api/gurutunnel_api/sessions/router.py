@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, status
 from gurutunnel_protocol import ID_PATTERN
 
 from ..deps import BusDep, CurrentUser, IdPath, OperatorUser, SessionDep, SettingsDep
+from ..schemas import error_responses
 from . import service
 from .models import SessionState
 from .schemas import SessionClose, SessionCreate, SessionPublic, SessionsPublic
@@ -16,7 +17,12 @@ from .schemas import SessionClose, SessionCreate, SessionPublic, SessionsPublic
 router = APIRouter(prefix="/api/v1/tunnel", tags=["sessions"])
 
 
-@router.post("/open", response_model=SessionPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/open",
+    response_model=SessionPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(401, 403, 404, 409, 502, 504),
+)
 async def open_session(
     body: SessionCreate, db: SessionDep, bus: BusDep, settings: SettingsDep, tech: OperatorUser
 ) -> SessionPublic:
@@ -26,7 +32,7 @@ async def open_session(
     return SessionPublic.from_row(row)
 
 
-@router.post("/close", response_model=SessionPublic)
+@router.post("/close", response_model=SessionPublic, responses=error_responses(401, 403, 404))
 async def close_session(
     body: SessionClose, db: SessionDep, bus: BusDep, settings: SettingsDep, tech: CurrentUser
 ) -> SessionPublic:
@@ -36,12 +42,14 @@ async def close_session(
     return SessionPublic.from_row(row)
 
 
-@router.get("/status/{session_id}", response_model=SessionPublic)
+@router.get(
+    "/status/{session_id}", response_model=SessionPublic, responses=error_responses(401, 404)
+)
 async def session_status(session_id: IdPath, db: SessionDep, _: CurrentUser) -> SessionPublic:
     return SessionPublic.from_row(await service.get_session(db, session_id=session_id))
 
 
-@router.get("/sessions", response_model=SessionsPublic)
+@router.get("/sessions", response_model=SessionsPublic, responses=error_responses(401))
 async def list_sessions(
     db: SessionDep,
     _: CurrentUser,

@@ -6,6 +6,14 @@ Contract:
   then sends a ``heartbeat`` at once and every interval, in both modes, carrying the tunnel mode,
   the session id and host metrics. The interval is the smaller of ``heartbeat_interval_s`` and
   the one the gateway's ``welcome`` asks for.
+- Host metrics are collected on one dedicated worker thread, at most one collection in flight
+  (a collection still running, e.g. ``disk_usage`` hung on a dead mount, is reused, never
+  duplicated), so a hang neither piles up threads nor starves the default executor that
+  resolves host names for ``connect()``. The last metrics live on the client, across
+  reconnects. Heartbeats never stop for metrics: a new collection is awaited at most
+  ``metrics_timeout_s``, a still-hung one not at all; the beat carries the last known metrics,
+  or, before any collection ever finished, a minimal snapshot built without the hung call
+  (``minimal_host_metrics``).
 - One reader loop per connection decodes server frames; ``TunnelManager.handle`` answers tunnel
   frames; ``welcome``, ``error`` and ``reconnect`` are handled here. A malformed frame, or a
   binary one (version 1 is text only), is logged (error code and size, never its content) and
@@ -16,7 +24,9 @@ Contract:
   (``close_is_fatal``), raise :class:`FatalRefusal` out of ``run()``; everything else (refused
   TCP, timeouts, other HTTP statuses, resets, closes in the reconnect ranges, an unreadable
   credential file) is retried for ever. ``reconnect{delay_ms}`` closes the socket (1000) and
-  reconnects after that delay plus up to ``reconnect_jitter_s``.
+  reconnects after ``max(min(delay_ms, backoff_max_s), next backoff delay)`` plus up to
+  ``reconnect_jitter_s``: a gateway cannot park the agent for longer than the backoff cap, and
+  a gateway that accepts then says ``reconnect{0}`` over and over still gets backed off.
 - Every disconnect force-closes the tunnel (the session cannot outlive its socket).
 - ``stop()`` (signals) ends ``run()`` promptly: the socket is closed with code 1000.
 """
@@ -29,6 +39,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -50,7 +61,12 @@ from gurutunnel_protocol.messages import (
 )
 
 from .config import AgentSettings, CredentialError
-from .metrics import agent_version, collect_host_metrics, prime_cpu_percent
+from .metrics import (
+    agent_version,
+    collect_host_metrics,
+    minimal_host_metrics,
+    prime_cpu_percent,
+)
 from .tunnel import TunnelManager
 
 log = logging.getLogger(__name__)
@@ -120,7 +136,6 @@ class _Connection:
     welcome: Welcome | None = None
     heartbeat: asyncio.Task[None] | None = None
     reconnect_delay_s: float | None = None
-    last_metrics: HostMetrics | None = None
 
 
 def _refusal_reason(response: Response) -> str:
@@ -173,6 +188,14 @@ class AgentClient:
         """The open WebSocket, if any (for observation; never send on it directly)."""
         self.connections_made = 0
         """How many upgrades succeeded (observability and tests)."""
+        self.last_metrics: HostMetrics | None = None
+        """The last host metrics collected (kept across reconnects)."""
+        # One thread: a hung collection blocks only further collections, which are not started
+        # while it runs anyway (see _collect_metrics).
+        self._metrics_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gurutunnel-metrics"
+        )
+        self._metrics_inflight: asyncio.Future[HostMetrics] | None = None
 
     def stop(self) -> None:
         """Ask ``run()`` to close the socket with code 1000 and return."""
@@ -189,6 +212,24 @@ class AgentClient:
             rng=self._rng,
         )
         prime_cpu_percent()
+        try:
+            await self._connect_loop(backoff)
+        finally:
+            # a hung collection cannot be interrupted; nothing waits for it (the thread ends
+            # with the call, or with the process)
+            self._metrics_executor.shutdown(wait=False, cancel_futures=True)
+        log.info("agent stopped")
+
+    def _reconnect_delay(self, conn: _Connection | None, backoff: Backoff) -> float:
+        """The wait before the next attempt (see module docstring)."""
+        s = self.settings
+        if conn is None or conn.reconnect_delay_s is None:
+            return backoff.next_delay()
+        asked = min(conn.reconnect_delay_s, s.backoff_max_s)
+        return max(asked, backoff.next_delay()) + self._rng.uniform(0, s.reconnect_jitter_s)
+
+    async def _connect_loop(self, backoff: Backoff) -> None:
+        s = self.settings
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             conn: _Connection | None = None
@@ -214,15 +255,11 @@ class AgentClient:
                 and loop.time() - conn.opened_at >= s.backoff_reset_after_s
             ):
                 backoff.reset()
-            if conn is not None and conn.reconnect_delay_s is not None:
-                delay = conn.reconnect_delay_s + self._rng.uniform(0, s.reconnect_jitter_s)
-            else:
-                delay = backoff.next_delay()
+            delay = self._reconnect_delay(conn, backoff)
             log.info("reconnecting", extra={"delay_s": round(delay, 3)})
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
-        log.info("agent stopped")
 
     # -- one connection ---------------------------------------------------------------------
 
@@ -368,7 +405,8 @@ class AgentClient:
                 },
             )
         elif isinstance(frame, Reconnect):
-            conn.reconnect_delay_s = frame.delay_ms / 1000
+            # bounded here and again (with the backoff) in _reconnect_delay
+            conn.reconnect_delay_s = min(frame.delay_ms / 1000, self.settings.backoff_max_s)
             log.info(
                 "gateway asked to reconnect",
                 extra={"delay_ms": frame.delay_ms, "reason": frame.reason},
@@ -405,31 +443,55 @@ class AgentClient:
         """A heartbeat at once, then every ``interval_s``, until the socket ends."""
         try:
             while True:
-                metrics = await self._collect_metrics(conn)
-                if metrics is not None:
-                    await self._send(
-                        conn,
-                        Heartbeat(
-                            sent_at=datetime.now(UTC),
-                            mode=self.tunnel.mode.value,
-                            session_id=self.tunnel.session_id,
-                            metrics=metrics,
-                        ),
-                    )
+                metrics = await self._collect_metrics()
+                await self._send(
+                    conn,
+                    Heartbeat(
+                        sent_at=datetime.now(UTC),
+                        mode=self.tunnel.mode.value,
+                        session_id=self.tunnel.session_id,
+                        metrics=metrics,
+                    ),
+                )
                 await asyncio.sleep(interval_s)
         except ConnectionClosed:
             return
 
-    async def _collect_metrics(self, conn: _Connection) -> HostMetrics | None:
-        """Fresh metrics, else the last ones (a hung disk or psutil error must not stop beats)."""
-        try:
-            async with asyncio.timeout(self.settings.metrics_timeout_s):
-                conn.last_metrics = await asyncio.to_thread(self._metrics)
-        except TimeoutError:
-            log.warning("host metrics timed out; reusing the last ones")
-        except Exception:
-            log.exception("host metrics failed; reusing the last ones")
-        return conn.last_metrics
+    async def _collect_metrics(self) -> HostMetrics:
+        """Fresh metrics, else the last ones, else a minimal snapshot (beats never stop)."""
+        inflight = self._metrics_inflight
+        if inflight is None or inflight.done():
+            inflight = asyncio.get_running_loop().run_in_executor(
+                self._metrics_executor, self._metrics
+            )
+            inflight.add_done_callback(self._metrics_done)
+            self._metrics_inflight = inflight
+            wait = True
+        else:
+            # the previous collection still hangs: do not delay this beat for it again,
+            # unless there is nothing at all to send yet
+            log.warning("host metrics still pending; reusing the last ones")
+            wait = self.last_metrics is None
+        if wait:
+            # asyncio.wait neither cancels the future nor raises; the callback records it
+            await asyncio.wait({inflight}, timeout=self.settings.metrics_timeout_s)
+            if not inflight.done():
+                log.warning("host metrics timed out; reusing the last ones")
+        if self.last_metrics is not None:
+            return self.last_metrics
+        return minimal_host_metrics()
+
+    def _metrics_done(self, future: asyncio.Future[HostMetrics]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.error(
+                "host metrics failed; reusing the last ones",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+            return
+        self.last_metrics = future.result()
 
     async def _send(self, conn: _Connection, frame: AgentToServer) -> None:
         """The one way out: serialized, in order, bounded by ``send_timeout_s``."""

@@ -4,6 +4,9 @@ Contract: ``collect_host_metrics()`` is synchronous and quick (``cpu_percent(int
 compares with the previous call instead of sleeping); the client still runs it in a worker thread
 under ``metrics_timeout_s`` because ``disk_usage`` can hang on a dead mount. Values are clamped
 to the ranges ``HostMetrics`` declares so a psutil oddity never makes a heartbeat invalid.
+``minimal_host_metrics()`` is the fallback while no collection ever finished: host identity,
+memory and boot time (procfs reads that a dead mount cannot hang), CPU load and disk reported
+as 0, and no ``disk_usage`` call.
 """
 
 from __future__ import annotations
@@ -64,4 +67,22 @@ def collect_host_metrics() -> HostMetrics:
         disk_used_percent=_percent(disk.percent),
         boot_time=datetime.fromtimestamp(psutil.boot_time(), tz=UTC),
         load_avg=load_avg,
+    )
+
+
+def minimal_host_metrics() -> HostMetrics:
+    """A snapshot without the disk (for when ``collect_host_metrics`` hangs or fails)."""
+    mem = psutil.virtual_memory()
+    return HostMetrics(
+        hostname=socket.gethostname()[:255],
+        os=platform.system()[:64],
+        os_release=platform.release()[:128],
+        agent_version=agent_version()[:64],
+        cpu_percent=0.0,
+        cpu_count=os.cpu_count() or 0,
+        mem_total_bytes=int(mem.total),
+        mem_used_percent=_percent(mem.percent),
+        disk_total_bytes=0,
+        disk_used_percent=0.0,
+        boot_time=datetime.fromtimestamp(psutil.boot_time(), tz=UTC),
     )

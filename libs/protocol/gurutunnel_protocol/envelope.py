@@ -5,7 +5,9 @@ Contract:
 - ``decode_*(raw) -> model``: ``raw`` is ``bytes`` or ``str`` of JSON; one module-level
   ``TypeAdapter`` per union validates it in one pass (``validate_json``). Any failure raises
   :class:`ProtocolError` with ``UNSUPPORTED_VERSION``, ``UNKNOWN_TYPE`` or ``MALFORMED_FRAME``,
-  and a message short enough to send back in an error frame (never the whole input).
+  and a message short enough to send back in an error frame (never the whole input). Nothing
+  else escapes: input the classifier itself cannot parse (e.g. JSON nested deeper than the
+  interpreter's recursion limit) is ``MALFORMED_FRAME``.
 - Size limits are the transport's job (WebSocket ``max_size``, NATS max payload); the decoder
   checks ``max_bytes`` only as a second line.
 """
@@ -55,7 +57,17 @@ def encode_text(frame: BaseModel) -> str:
 
 
 def _classify(raw: bytes | str, exc: ValidationError) -> ProtocolError:
-    """Turn a validation failure into the most precise protocol error."""
+    """Turn a validation failure into the most precise protocol error; never raises."""
+    try:
+        return _classify_precisely(raw, exc)
+    except Exception:
+        # json.loads raises RecursionError on deeply nested input that pydantic already
+        # refused; whatever the cause, the frame is malformed and the caller must get a
+        # ProtocolError, not an arbitrary exception that kills its reader loop.
+        return ProtocolError(ErrorCode.MALFORMED_FRAME, "frame is not valid JSON")
+
+
+def _classify_precisely(raw: bytes | str, exc: ValidationError) -> ProtocolError:
     try:
         obj: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -39,6 +39,9 @@ class GatewaySettings(BaseSettings):
     send_queue_frames: int = Field(default=256, gt=0)
     max_consecutive_errors: int = Field(default=20, gt=0)
     agent_heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    # per-connection rate limit on agent frames (token bucket; RELIABILITY.md 12)
+    max_frames_per_s: float = Field(default=200.0, gt=0)
+    frame_burst: int = Field(default=400, gt=0)
 
     # requests forwarded from agent.<id>.cmd
     command_timeout_s: float = Field(default=30.0, gt=0)

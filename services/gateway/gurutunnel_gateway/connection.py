@@ -1,17 +1,30 @@
 """One authenticated agent socket: one reader loop, one writer task fed by a bounded queue.
 
 Contract (docs/design.md "Agent socket" and "Bus"):
-- ``run`` subscribes the agent's command subject, sends ``welcome``, publishes
-  ``presence.connected`` (JetStream, retried in the background a bounded number of times), then
-  reads frames until the socket ends. On the way out it unsubscribes everything of this
-  connection, answers every pending request with ``CommandFailed{agent_offline}`` and publishes
-  ``presence.disconnected`` with a ``DisconnectReason`` and the close code.
+- ``run`` subscribes the agent's command subject and, once that subscription is flushed,
+  registers the connection in the hub (so a current connection always has a responder) and calls
+  ``admitted`` (the gateway's last checks: revocation, drain). Then it sends ``welcome``,
+  publishes ``presence.connected`` (JetStream, retried in the background a bounded number of
+  times), and reads frames until the socket ends. On the way out it unsubscribes everything of
+  this connection, answers every pending request with ``CommandFailed{agent_offline}`` and
+  publishes ``presence.disconnected`` with a ``DisconnectReason`` and the close code.
+- Every command gets an answer: a closing connection (revoked, draining, errored, replaced)
+  answers ``CommandFailed{agent_offline}`` unless a newer connection of the same agent on this
+  replica is current and subscribed (it answers instead); a request the agent leaves
+  unanswered past ``command_timeout_s`` is answered ``CommandFailed{agent_timeout}`` by the
+  sweep; a gateway bug while handling a command answers ``CommandFailed{internal_error}``.
+- A request is answered only by a frame type that fits it (``REPLIES_BY_REQUEST``); any other
+  answer gets an ``error`` frame and the request stays pending.
 - Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
   socket with ``CloseCode.BACKPRESSURE`` (a request that could not be queued is also answered
   ``CommandFailed{agent_backpressure}``).
-- Bad agent frames (undecodable, binary, naming a session this connection does not hold) get an
-  ``error`` frame and the loop goes on; ``max_consecutive_errors`` in a row close with
-  ``CloseCode.TOO_MANY_ERRORS``.
+- Agent frames are rate limited per connection (token bucket: ``max_frames_per_s``, burst
+  ``frame_burst``); a frame over the limit is dropped and answered ``error{rate_limited}``.
+- Bad agent frames (undecodable, binary, naming a session this connection does not hold, over
+  the rate limit) get an ``error`` frame and the loop goes on; ``max_consecutive_errors`` in a
+  row close with ``CloseCode.TOO_MANY_ERRORS``. A gateway bug while handling a frame is logged
+  (exception type and place, never the payload), answered ``error{internal_error}`` and counted
+  the same way; the loop goes on.
 - Identity (``agent_id``) comes from the credential; every publication is stamped with it and
   with ``conn_id``, ``gateway_id`` and ``boot_id``.
 """
@@ -22,6 +35,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +55,7 @@ from gurutunnel_protocol.messages import (
     AgentConnected,
     AgentDisconnected,
     AgentHeartbeat,
+    AgentReply,
     AgentToServer,
     ChannelClose,
     ChannelClosed,
@@ -76,6 +92,23 @@ log = logging.getLogger(__name__)
 REQUEST_TYPES = (TunnelOpen, TunnelClose, ChannelOpen, ChannelClose, Terminal)
 # Agent frames that can answer a request (the AgentReply union).
 REPLY_TYPES = (TunnelReady, TunnelClosed, TunnelError, ChannelOpened, ChannelClosed, TerminalOutput)
+# For each request type, the replies that fit it (a subset of REPLY_TYPES).
+REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
+    "tunnel.open": (TunnelReady, TunnelError),
+    "tunnel.close": (TunnelClosed, TunnelError),
+    "channel.open": (ChannelOpened, TunnelError),
+    "channel.close": (ChannelClosed, TunnelError),
+    "terminal.command": (TerminalOutput, TunnelError),
+}
+# Agent frames relayed up the subject of a session this connection holds.
+SESSION_UP_TYPES = (
+    TunnelData,
+    TunnelError,
+    TunnelClosed,
+    ChannelOpened,
+    ChannelClosed,
+    TerminalOutput,
+)
 # Frames the API may send on session.<id>.down.
 DOWN_TYPES = (TunnelData, ChannelOpen, ChannelClose, Terminal)
 
@@ -109,8 +142,40 @@ class HeldSession:
     """A session bound to this connection (the agent answered ``tunnel.ready``)."""
 
     session_id: str
-    subscription: BusSubscription | None = None
+    subscription: BusSubscription
     seq: int = 0
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` saved up; one token per frame."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock()
+
+    def take(self) -> bool:
+        """Spend one token if there is one; False means over the limit."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised (file:line in function), without its message (may hold data)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown place"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"
 
 
 @dataclass(slots=True)
@@ -151,6 +216,7 @@ class AgentConnection:
         self._close: _CloseRequest | None = None
         self._ended = False
         self._errors = 0
+        self._rate = TokenBucket(deps.settings.max_frames_per_s, deps.settings.frame_burst)
 
     # ------------------------------------------------------------------ helpers
 
@@ -171,6 +237,11 @@ class AgentConnection:
     @property
     def closing(self) -> bool:
         return self._close is not None or self._ended
+
+    @property
+    def accepts_commands(self) -> bool:
+        """Subscribed to the agent's command subject and not closing: it answers commands."""
+        return self._cmd_sub is not None and not self.closing
 
     @property
     def sessions(self) -> frozenset[str]:
@@ -238,8 +309,11 @@ class AgentConnection:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self) -> None:
-        """Serve the socket until it ends; always publishes the disconnect on the way out."""
+    async def run(self, *, admitted: Callable[[AgentConnection], None] | None = None) -> None:
+        """Serve the socket until it ends; always publishes the disconnect on the way out.
+
+        ``admitted`` is called right after the hub registration (it may close the connection).
+        """
         subjects = self._deps.subjects
         connected: asyncio.Task[None] | None = None
         writer = asyncio.create_task(self._write(), name=f"writer-{self.conn_id}")
@@ -253,6 +327,12 @@ class AgentConnection:
             except BusError as exc:
                 log.error("command subscription failed: %s", exc, extra=self._extra())
                 self.close(CloseCode.INTERNAL_ERROR, DisconnectReason.CLOSED, "bus unavailable")
+            else:
+                # Current only once the subscription is flushed: while the hub names this
+                # connection current, a command on the agent's subject finds a responder here.
+                self._deps.hub.register(self)
+                if admitted is not None:
+                    admitted(self)
             self.send(
                 Welcome(
                     agent_id=self.agent_id,
@@ -275,20 +355,36 @@ class AgentConnection:
             async for message in self.ws:
                 if self.closing:
                     continue  # closing (revoked, replaced, ...): nothing more is acted upon
-                if isinstance(message, bytes):
+                if not self._rate.take():
                     self._refuse(
-                        ErrorCode.MALFORMED_FRAME, "binary frames are not supported by this gateway"
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {self._settings.max_frames_per_s:g} frames/s; frame dropped",
                     )
                     continue
                 try:
-                    frame = decode_agent_to_server(message, self._settings.max_frame_bytes)
+                    await self._on_message(message)
                 except ProtocolError as exc:
                     self._refuse(exc.code, exc.message)
-                    continue
-                try:
-                    await self._on_agent_frame(frame)
-                except ProtocolError as exc:
-                    self._refuse(exc.code, exc.message)
+                except Exception as exc:
+                    # Last resort: a gateway bug on one frame must not end the agent's socket
+                    # (and its session). Logged without the frame: it may carry technician data.
+                    log.error(
+                        "agent frame could not be handled: %s at %s",
+                        type(exc).__name__,
+                        _where(exc),
+                        extra=self._extra(),
+                    )
+                    self._refuse(
+                        ErrorCode.INTERNAL_ERROR, "the gateway could not handle this frame"
+                    )
+
+    async def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            raise ProtocolError(
+                ErrorCode.MALFORMED_FRAME, "binary frames are not supported by this gateway"
+            )
+        frame = decode_agent_to_server(message, self._settings.max_frame_bytes)
+        await self._on_agent_frame(frame)
 
     async def _write(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -307,8 +403,7 @@ class AgentConnection:
         if self._cmd_sub is not None:
             await self._cmd_sub.unsubscribe()
         for held in list(self._sessions.values()):
-            if held.subscription is not None:
-                await held.subscription.unsubscribe()
+            await held.subscription.unsubscribe()
         self._sessions.clear()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
@@ -361,11 +456,23 @@ class AgentConnection:
                     await asyncio.sleep(self._settings.presence_retry_wait_s * attempt)
         log.error("presence event lost after retries", extra=self._extra(event=event.type))
 
-    def expire_pending(self, now: float) -> int:
-        """Forget requests past their deadline (the API has its own timeout); return how many."""
-        expired = [req_id for req_id, entry in self._pending.items() if entry.deadline <= now]
-        for req_id in expired:
-            del self._pending[req_id]
+    async def expire_pending(self, now: float) -> int:
+        """Answer ``agent_timeout`` to requests past their deadline; return how many."""
+        expired = [
+            (req_id, entry) for req_id, entry in self._pending.items() if entry.deadline <= now
+        ]
+        for req_id, _ in expired:
+            del self._pending[req_id]  # first: a late answer of the agent is now refused
+        for req_id, entry in expired:
+            log.info(
+                "request timed out",
+                extra=self._extra(entry.session_id, frame_type=entry.kind, req_id=req_id),
+            )
+            await self._fail(
+                entry.reply,
+                ErrorCode.AGENT_TIMEOUT,
+                f"agent did not answer {entry.kind} within {self._settings.command_timeout_s:g}s",
+            )
         return len(expired)
 
     # ------------------------------------------------------------------ bus -> agent
@@ -374,8 +481,31 @@ class AgentConnection:
         if reply is None:
             log.warning("command without a reply subject dropped", extra=self._extra())
             return
+        try:
+            await self._forward_command(payload, reply)
+        except Exception as exc:
+            # Last resort: the API must get an answer now, not wait out its timeout.
+            log.error(
+                "command could not be handled: %s at %s",
+                type(exc).__name__,
+                _where(exc),
+                extra=self._extra(),
+            )
+            await self._fail(
+                reply, ErrorCode.INTERNAL_ERROR, "the gateway could not handle this command"
+            )
+
+    def _newer_answers(self) -> bool:
+        """Another connection of this agent on this replica is current and answers commands."""
+        current = self._deps.hub.current(self.agent_id)
+        return current is not None and current is not self and current.accepts_commands
+
+    async def _forward_command(self, payload: bytes, reply: str) -> None:
         if self.closing or not self._deps.hub.is_current(self):
-            return  # the agent's newer connection answers
+            if self._newer_answers():
+                return  # both are subscribed: the current one answers, a second reply is noise
+            await self._fail(reply, ErrorCode.AGENT_OFFLINE, "agent connection is closing")
+            return
         try:
             frame = decode_agent_command(payload, self._settings.max_frame_bytes)
         except ProtocolError as exc:
@@ -437,6 +567,13 @@ class AgentConnection:
         session_id: str | None = getattr(frame, "session_id", None)
         pending = self._pending.get(req_id) if req_id is not None else None
         if req_id is not None and pending is not None and isinstance(frame, REPLY_TYPES):
+            if not isinstance(frame, REPLIES_BY_REQUEST.get(pending.kind, ())):
+                self._refuse(
+                    ErrorCode.MALFORMED_FRAME,
+                    f"{frame.type} does not answer a {pending.kind} request",
+                    req_id=req_id,
+                )
+                return
             if pending.session_id and session_id and session_id != pending.session_id:
                 self._refuse(
                     ErrorCode.NOT_YOUR_SESSION, "answer names another session", req_id=req_id
@@ -461,15 +598,7 @@ class AgentConnection:
                 req_id=req_id,
             )
             return
-        if not isinstance(
-            frame,
-            TunnelData
-            | TunnelError
-            | TunnelClosed
-            | ChannelOpened
-            | ChannelClosed
-            | TerminalOutput,
-        ):
+        if not isinstance(frame, SESSION_UP_TYPES):
             self._refuse(ErrorCode.MALFORMED_FRAME, f"unexpected {frame.type}", req_id=req_id)
             return
         self._errors = 0
@@ -483,21 +612,9 @@ class AgentConnection:
         if isinstance(frame, TunnelClosed):
             await self._release(session_id)
 
-    async def _answer(
-        self,
-        pending: PendingRequest,
-        frame: TunnelReady
-        | TunnelClosed
-        | TunnelError
-        | ChannelOpened
-        | ChannelClosed
-        | TerminalOutput,
-    ) -> None:
-        if (
-            isinstance(frame, TunnelReady)
-            and pending.kind == "tunnel.open"
-            and not await self._bind(frame.session_id)
-        ):
+    async def _answer(self, pending: PendingRequest, frame: AgentReply) -> None:
+        # the frame fits pending.kind (REPLIES_BY_REQUEST): tunnel.ready answers tunnel.open
+        if isinstance(frame, TunnelReady) and not await self._bind(frame.session_id):
             await self._fail(pending.reply, ErrorCode.BUS_UNAVAILABLE, "session not bound")
             self.send(TunnelClose(session_id=frame.session_id, reason="gateway_error"))
             return
@@ -526,7 +643,7 @@ class AgentConnection:
 
     async def _release(self, session_id: str) -> None:
         held = self._sessions.pop(session_id, None)
-        if held is not None and held.subscription is not None:
+        if held is not None:
             await held.subscription.unsubscribe()
             log.info("session released", extra=self._extra(session_id))
 

@@ -3,9 +3,11 @@
 Contract:
 - At most one *current* connection per agent: ``register`` of a second connection of the same
   agent makes it current and closes the older one with ``CloseCode.REPLACED`` (disconnect
-  reason ``replaced``). Only the current connection answers the agent's command subject.
+  reason ``replaced``). Only the current connection forwards the agent's commands; a connection
+  registers only once its command subscription is flushed, so a current connection always
+  answers (``current`` is how a closing connection learns whether to stay silent).
 - ``live`` connections include replaced ones that are still closing; shutdown, revocation and the
-  pending-request sweep act on all of them.
+  pending-request sweep (which answers expired requests ``agent_timeout``) act on all of them.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ class Hub:
                 closed += 1
         return closed
 
-    def sweep(self, now: float) -> int:
-        """Drop expired pending requests of every connection; return how many."""
-        return sum(conn.expire_pending(now) for conn in self.live())
+    async def sweep(self, now: float) -> int:
+        """Answer ``agent_timeout`` to expired pending requests of every connection; how many."""
+        return sum([await conn.expire_pending(now) for conn in self.live()])
 
     @property
     def agent_count(self) -> int:

@@ -3,14 +3,16 @@
 Contract:
 - ``GET /healthz``: 200 while the process serves. ``GET /readyz``: 200 when NATS is connected and
   the gateway is not draining, else 503. ``GET /agent/v1/connect``: the credential
-  (``Authorization: Bearer``) is verified *before* the upgrade; missing/invalid -> 401, revoked ->
+  (exactly one ``Authorization: Bearer`` header) is verified *before* the upgrade;
+  missing/repeated/invalid -> 401, revoked ->
   403, draining or NATS down -> 503, all with ``{"error": {"code", "message"}}`` and no socket.
   Any other path -> 404.
 - Every ``heartbeat_interval_s`` a ``GatewayHeartbeat`` (the lease) goes to
   ``Subjects.gateway_heartbeat()``; every ``sweep_interval_s`` expired pending requests are
-  dropped.
+  answered ``CommandFailed{agent_timeout}``.
 - The revocation bucket is watched from before the first upgrade is accepted; an update closes
-  the agent's live sockets with ``CloseCode.REVOKED``.
+  the agent's live sockets with ``CloseCode.REVOKED``. A revocation that lands between the
+  credential check and the hub registration is caught by a re-check right after registration.
 - ``Gateway.stop`` (SIGTERM/SIGINT in ``main``) drains: readiness fails, new upgrades get 503,
   every agent gets ``reconnect{delay_ms: jittered}`` then close ``CloseCode.DRAINING``, the
   disconnects are published, all bounded by ``drain_timeout_s``.
@@ -42,6 +44,7 @@ from .auth import (
     AgentIdentity,
     CredentialError,
     CredentialVerifier,
+    InvalidCredential,
     RevocationMap,
     bearer_token,
     load_public_key,
@@ -151,12 +154,11 @@ class Gateway:
             # stop accepting; the open sockets are closed below, with a reconnect hint first
             self._server.close(close_connections=False)
             for conn in self.hub.live():
-                delay_ms = int(random.uniform(0, s.reconnect_jitter_max_s) * 1000)
                 conn.close(
                     CloseCode.DRAINING,
                     DisconnectReason.SHUTDOWN,
                     "gateway draining",
-                    final=Reconnect(delay_ms=delay_ms, reason="draining"),
+                    final=Reconnect(delay_ms=self._drain_delay_ms(), reason="draining"),
                 )
             try:
                 await asyncio.wait_for(self._server.wait_closed(), s.drain_timeout_s)
@@ -206,7 +208,11 @@ class Gateway:
                 "gateway draining or bus unavailable; reconnect elsewhere",
             )
         try:
-            identity = self.verifier.verify(bearer_token(request.headers.get("Authorization")))
+            # get() would raise MultipleValuesError (HTTP 500) on a repeated header
+            values = request.headers.get_all("Authorization")
+            if len(values) > 1:
+                raise InvalidCredential("exactly one Authorization header is allowed")
+            identity = self.verifier.verify(bearer_token(values[0] if values else None))
         except CredentialError as exc:
             log.info(
                 "agent refused at upgrade",
@@ -226,8 +232,25 @@ class Gateway:
         conn = AgentConnection(ws, identity, self._deps, remote_addr=remote_addr)
         if self.draining:
             return
-        self.hub.register(conn)
-        await conn.run()
+        await conn.run(admitted=self._admit)
+
+    def _admit(self, conn: AgentConnection) -> None:
+        """Last checks once ``conn`` is in the hub, for what happened since the upgrade."""
+        if self.revocations.is_revoked(conn.agent_id, conn.identity.issued_at):
+            # revoked between verify() and registration: hub.revoke() did not see it
+            log.info("agent revoked while connecting", extra={"agent_id": conn.agent_id})
+            conn.close(CloseCode.REVOKED, DisconnectReason.REVOKED, "agent revoked")
+        elif self.draining:
+            # stop() began while this connection subscribed: hub.live() did not list it
+            conn.close(
+                CloseCode.DRAINING,
+                DisconnectReason.SHUTDOWN,
+                "gateway draining",
+                final=Reconnect(delay_ms=self._drain_delay_ms(), reason="draining"),
+            )
+
+    def _drain_delay_ms(self) -> int:
+        return int(random.uniform(0, self.settings.reconnect_jitter_max_s) * 1000)
 
     # ------------------------------------------------------------------ background
 
@@ -262,9 +285,9 @@ class Gateway:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
-            expired = self.hub.sweep(time.monotonic())
+            expired = await self.hub.sweep(time.monotonic())
             if expired:
-                log.info("expired pending requests dropped", extra={"count": expired})
+                log.info("expired pending requests answered", extra={"count": expired})
 
 
 # ---------------------------------------------------------------------- process entry point
@@ -285,6 +308,7 @@ _LOG_FIELDS = (
     "closed_connections",
     "frame_type",
     "subject",
+    "req_id",
 )
 
 

@@ -169,8 +169,8 @@ async def test_reconnect_frame_delay_is_honoured(
     gateway: FakeGateway, start_agent: StartAgent
 ) -> None:
     """reconnect{delay_ms} closes with 1000 and the next upgrade comes after that delay."""
-    # a backoff of 5 s would make the test time out, so only delay_ms can explain a reconnect
-    agent = start_agent(backoff_initial_s=5.0, backoff_max_s=5.0, backoff_jitter=False)
+    # the backoff (reset after each welcome) is 0.01 s, so only delay_ms explains the wait
+    agent = start_agent(backoff_initial_s=0.01, backoff_max_s=5.0, backoff_jitter=False)
     ws = await gateway.next_connection()
     await gateway.next_frame(Heartbeat)
     await gateway.send(ws, Reconnect(delay_ms=300, reason="draining"))

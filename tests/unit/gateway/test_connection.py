@@ -4,19 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import cast
 
+import pytest
 from websockets.asyncio.server import ServerConnection
 
 from gurutunnel_gateway.auth import AgentIdentity
 from gurutunnel_gateway.bus import BusSubscription, MessageHandler
 from gurutunnel_gateway.config import GatewaySettings
-from gurutunnel_gateway.connection import AgentConnection, ConnectionDeps
+from gurutunnel_gateway.connection import (
+    REPLIES_BY_REQUEST,
+    REQUEST_TYPES,
+    AgentConnection,
+    ConnectionDeps,
+    TokenBucket,
+)
 from gurutunnel_gateway.hub import Hub
 from gurutunnel_protocol import CloseCode, ErrorCode, Subjects
-from gurutunnel_protocol.envelope import decode_command_result, encode
-from gurutunnel_protocol.messages import CommandFailed, ErrorFrame, Terminal
+from gurutunnel_protocol.envelope import (
+    decode_command_result,
+    decode_server_to_agent,
+    encode,
+    encode_text,
+)
+from gurutunnel_protocol.messages import (
+    AgentToServer,
+    CommandFailed,
+    CommandReply,
+    DisconnectReason,
+    ErrorFrame,
+    Heartbeat,
+    HostMetrics,
+    Terminal,
+    TerminalOutput,
+    TunnelReady,
+)
 from tests.integration.gateway.credentials import generate_agent_key
 
 
@@ -129,21 +153,251 @@ async def test_duplicate_req_id_and_full_table_are_refused() -> None:
     ]
 
 
-async def test_expired_pending_requests_are_swept() -> None:
-    """The sweep drops requests past command_timeout_s without answering them."""
-    conn, _, bus, hub = make_connection(command_timeout_s=1)
+async def test_expired_pending_request_is_answered_agent_timeout() -> None:
+    """The sweep answers a request past command_timeout_s with CommandFailed(agent_timeout)."""
+    conn, _, bus, hub = make_connection(command_timeout_s=0.01)
     await conn._on_command(request("r1"), "reply.1")
-    assert hub.sweep(time.monotonic()) == 0
-    assert hub.sweep(time.monotonic() + 2) == 1
+    assert await hub.sweep(time.monotonic() - 1) == 0
     assert bus.published == []
+    assert await hub.sweep(time.monotonic() + 1) == 1
+    subject, payload = bus.published[-1]
+    result = decode_command_result(payload)
+    assert subject == "reply.1"
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.AGENT_TIMEOUT
+    assert await hub.sweep(time.monotonic() + 1) == 0  # answered once
 
 
 async def test_replaced_connection_leaves_requests_to_the_newer_one() -> None:
     """A request reaching a replaced connection is neither forwarded nor answered by it."""
     conn, ws, bus, hub = make_connection()
     newer = AgentConnection(cast(ServerConnection, StuckSocket()), conn.identity, conn._deps)
+    newer._cmd_sub = FakeSubscription()  # as run() does before registering
     hub.register(newer)
     assert (await wait_closed(ws))[0] == CloseCode.REPLACED
     assert hub.current(conn.agent_id) is newer
     await conn._on_command(request(), "reply.1")
     assert bus.published == []
+
+
+@pytest.mark.parametrize(
+    "code", [CloseCode.REVOKED, CloseCode.DRAINING, CloseCode.INTERNAL_ERROR, CloseCode.REPLACED]
+)
+async def test_closing_connection_answers_agent_offline(code: CloseCode) -> None:
+    """A command reaching a closing connection with no newer one is answered agent_offline."""
+    conn, _, bus, _ = make_connection()
+    conn.close(code, DisconnectReason.CLOSED, "closing")
+    await conn._on_command(request(), "reply.1")
+    subject, payload = bus.published[-1]
+    result = decode_command_result(payload)
+    assert subject == "reply.1"
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.AGENT_OFFLINE
+
+
+async def test_replaced_connection_answers_agent_offline_when_newer_is_closing_too() -> None:
+    """If the agent's newer connection is itself closing, the older one still answers."""
+    conn, _, bus, hub = make_connection()
+    newer = AgentConnection(cast(ServerConnection, StuckSocket()), conn.identity, conn._deps)
+    newer._cmd_sub = FakeSubscription()
+    hub.register(newer)
+    newer.close(CloseCode.REVOKED, DisconnectReason.REVOKED, "revoked")
+    await conn._on_command(request(), "reply.1")
+    result = decode_command_result(bus.published[-1][1])
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.AGENT_OFFLINE
+
+
+class ScriptedSocket:
+    """Delivers ``incoming`` (then waits for close); records what the gateway sends."""
+
+    def __init__(self, incoming: list[str | bytes] | None = None) -> None:
+        self.incoming = list(incoming or [])
+        self.sent: list[str] = []
+        self.closed = asyncio.Event()
+        self.closed_with: tuple[int, str] | None = None
+        self.close_code: int | None = None
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[str | bytes]:
+        for message in self.incoming:
+            yield message
+        await self.closed.wait()
+
+    async def send(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = (code, reason)
+        self.closed.set()
+
+
+class GatedBus(FakeBus):
+    """``subscribe`` waits until ``open`` is set (a slow flush)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+        self.subscribing = asyncio.Event()
+
+    async def subscribe(self, subject: str, handler: MessageHandler) -> BusSubscription:
+        self.subscribing.set()
+        await self.open.wait()
+        return FakeSubscription()
+
+
+def unregistered_connection(
+    ws: object, bus: FakeBus, **overrides: object
+) -> tuple[AgentConnection, Hub]:
+    _, pem = generate_agent_key()
+    settings = GatewaySettings(agent_public_key=pem, **overrides)  # type: ignore[arg-type]
+    hub = Hub()
+    deps = ConnectionDeps(
+        settings=settings,
+        subjects=Subjects("unit.gt"),
+        bus=bus,
+        hub=hub,
+        gateway_id="gw1",
+        boot_id="boot1",
+    )
+    identity = AgentIdentity(agent_id="agent-1", issued_at=datetime.now(UTC))
+    return AgentConnection(cast(ServerConnection, ws), identity, deps), hub
+
+
+async def test_connection_is_registered_only_after_its_command_subscription() -> None:
+    """run() makes the connection current only once the command subscription is flushed."""
+    bus, ws = GatedBus(), ScriptedSocket()
+    conn, hub = unregistered_connection(ws, bus)
+    admitted: list[AgentConnection] = []
+    task = asyncio.create_task(conn.run(admitted=admitted.append))
+    await asyncio.wait_for(bus.subscribing.wait(), 2)
+    assert not hub.is_current(conn)
+    assert admitted == []
+    bus.open.set()
+    deadline = time.monotonic() + 2
+    while not admitted:
+        assert time.monotonic() < deadline, "connection not admitted in time"
+        await asyncio.sleep(0)
+    assert hub.is_current(conn) and conn.accepts_commands
+    conn.close(CloseCode.NORMAL, DisconnectReason.CLOSED, "done")
+    await asyncio.wait_for(task, 2)
+
+
+async def test_frame_handler_bug_answers_internal_error_and_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected exception on one frame gets error{internal_error}; the next frame works."""
+    good = encode_text(heartbeat_frame())
+    ws = ScriptedSocket([good, good])
+    bus = FakeBus()
+    conn, hub = unregistered_connection(ws, bus)
+    hub.register(conn)
+    real = conn._on_agent_frame
+    calls = 0
+
+    async def flaky(frame: AgentToServer) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a gateway bug")
+        await real(frame)
+
+    monkeypatch.setattr(conn, "_on_agent_frame", flaky)
+    read = asyncio.create_task(conn._read())
+    deadline = time.monotonic() + 2
+    while not bus.published:
+        assert time.monotonic() < deadline, "heartbeat not published in time"
+        await asyncio.sleep(0)
+    error = decode_server_to_agent(conn._queue.get_nowait())
+    assert isinstance(error, ErrorFrame)
+    assert error.code == ErrorCode.INTERNAL_ERROR
+    assert bus.published[0][0] == conn._deps.subjects.agent_events("agent-1", "heartbeat")
+    conn.close(CloseCode.NORMAL, DisconnectReason.CLOSED, "done")
+    await asyncio.wait_for(read, 2)
+
+
+async def test_command_handler_bug_answers_internal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected exception while handling a command is answered CommandFailed at once."""
+    conn, _, bus, _ = make_connection()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a gateway bug")
+
+    monkeypatch.setattr("gurutunnel_gateway.connection.decode_agent_command", broken)
+    await conn._on_command(request(), "reply.1")
+    result = decode_command_result(bus.published[-1][1])
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.INTERNAL_ERROR
+
+
+async def test_reply_of_the_wrong_kind_gets_error_frame_and_request_stays_pending() -> None:
+    """tunnel.ready answering a terminal.command is refused; the right reply still answers."""
+    conn, _, bus, _ = make_connection()
+    await conn._on_command(request("r1"), "reply.1")
+    conn._queue.get_nowait()  # the forwarded request
+    await conn._on_agent_frame(TunnelReady(req_id="r1", session_id="s1"))
+    error = decode_server_to_agent(conn._queue.get_nowait())
+    assert isinstance(error, ErrorFrame)
+    assert (error.code, error.req_id) == (ErrorCode.MALFORMED_FRAME, "r1")
+    assert bus.published == []
+    await conn._on_agent_frame(
+        TerminalOutput(
+            req_id="r1", session_id="s1", channel_id="c1", stdout="", stderr="", exit_code=0
+        )
+    )
+    result = decode_command_result(bus.published[-1][1])
+    assert isinstance(result, CommandReply)
+    assert isinstance(result.frame, TerminalOutput)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fits", "misfits"),
+    [
+        ("tunnel.open", {"tunnel.ready", "tunnel.error"}, {"tunnel.closed"}),
+        ("tunnel.close", {"tunnel.closed", "tunnel.error"}, {"tunnel.ready"}),
+        ("channel.open", {"channel.opened", "tunnel.error"}, {"channel.closed"}),
+        ("channel.close", {"channel.closed", "tunnel.error"}, {"channel.opened"}),
+        ("terminal.command", {"terminal.output", "tunnel.error"}, {"tunnel.ready"}),
+    ],
+)
+def test_every_request_kind_has_exactly_its_replies(
+    kind: str, fits: set[str], misfits: set[str]
+) -> None:
+    """REPLIES_BY_REQUEST names the documented replies of each request type and no other."""
+    names = {t.model_fields["type"].default for t in REPLIES_BY_REQUEST[kind]}
+    assert names == fits
+    assert not names & misfits
+    assert set(REPLIES_BY_REQUEST) == {t.model_fields["type"].default for t in REQUEST_TYPES}
+
+
+def test_token_bucket_allows_the_burst_then_the_rate() -> None:
+    """A bucket of burst 3 at 2/s passes 3 at once, then one more each half second."""
+    now = [0.0]
+    bucket = TokenBucket(2.0, 3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.5
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    now[0] += 100
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def heartbeat_frame() -> Heartbeat:
+    return Heartbeat(
+        sent_at=datetime.now(UTC),
+        mode="heartbeat",
+        metrics=HostMetrics(
+            hostname="h",
+            os="Linux",
+            cpu_percent=0,
+            cpu_count=1,
+            mem_total_bytes=1,
+            mem_used_percent=1,
+            disk_total_bytes=1,
+            disk_used_percent=1,
+            boot_time=datetime(2024, 1, 1, tzinfo=UTC),
+        ),
+    )

@@ -1,0 +1,159 @@
+"""Gateway hardening against real NATS and real sockets: pathological input, timeouts, races."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.client import Client as NATS
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gurutunnel_gateway.auth import AgentIdentity
+from gurutunnel_gateway.server import Gateway
+from gurutunnel_protocol import CloseCode, ErrorCode, Subjects, new_id
+from gurutunnel_protocol.envelope import decode_agent_heartbeat, decode_command_result, encode
+from gurutunnel_protocol.messages import (
+    AgentDisconnected,
+    CommandFailed,
+    DisconnectReason,
+    ErrorFrame,
+    Terminal,
+    Welcome,
+)
+
+from .agent_client import agent_socket, connect_url, heartbeat, recv_frame, send_frame
+from .conftest import StartGateway, wait_presence
+from .credentials import mint_agent_credential
+
+Key = tuple[Ed25519PrivateKey, str]
+TIMEOUT_S = 5.0
+NESTED = "[" * 50_000  # deeper than the recursion limit, far under max_frame_bytes
+
+
+async def closed_code(ws: ClientConnection) -> int | None:
+    """Read until the gateway closes the socket; return the close code it sent (bounded)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), deadline - time.monotonic())
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else None
+
+
+async def test_deeply_nested_frame_gets_error_and_the_next_heartbeat_is_published(
+    gateway: Gateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """Nested JSON from the agent gets error{malformed_frame}; the socket lives on."""
+    agent_id = new_id()
+    beats = await nc.subscribe(subjects.agent_events(agent_id, "heartbeat"))
+    await nc.flush()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        await ws.send(NESTED)
+        frame = await recv_frame(ws)
+        assert isinstance(frame, ErrorFrame)
+        assert frame.code == ErrorCode.MALFORMED_FRAME
+        await send_frame(ws, heartbeat())
+        msg = await beats.next_msg(timeout=TIMEOUT_S)
+    assert decode_agent_heartbeat(msg.data).agent_id == agent_id
+
+
+async def test_deeply_nested_command_gets_cmd_failed_at_once(
+    gateway: Gateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """A bus request carrying nested JSON is answered CommandFailed(malformed_frame) at once."""
+    agent_id = new_id()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        msg = await nc.request(subjects.agent_commands(agent_id), NESTED.encode(), timeout=2)
+    result = decode_command_result(msg.data)
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.MALFORMED_FRAME
+
+
+async def test_unanswered_request_gets_agent_timeout(
+    start_gateway: StartGateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """A request the agent never answers is failed agent_timeout after command_timeout_s."""
+    gateway = await start_gateway(command_timeout_s=0.2, sweep_interval_s=0.05)
+    agent_id = new_id()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        req = Terminal(req_id=new_id(), session_id=new_id(), channel_id="c", command="id")
+        started = time.monotonic()
+        msg = await nc.request(subjects.agent_commands(agent_id), encode(req), timeout=3)
+        elapsed = time.monotonic() - started
+        assert await recv_frame(ws) == req  # it did reach the agent
+    result = decode_command_result(msg.data)
+    assert isinstance(result, CommandFailed)
+    assert result.code == ErrorCode.AGENT_TIMEOUT
+    assert 0.15 <= elapsed < 2.0
+
+
+async def test_two_authorization_headers_get_401_json(gateway: Gateway, agent_key: Key) -> None:
+    """A repeated Authorization header is refused 401 with the JSON error body, not a 500."""
+    token = mint_agent_credential(agent_key[0], new_id())
+    headers = [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")]
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(
+            connect_url(gateway.port), additional_headers=headers, open_timeout=TIMEOUT_S
+        ):
+            pass
+    response = info.value.response
+    assert response.status_code == 401
+    assert response.headers["Content-Type"] == "application/json"
+    assert json.loads(response.body)["error"]["code"] == ErrorCode.UNAUTHORIZED
+
+
+async def test_revocation_between_verify_and_registration_closes_4501(
+    gateway: Gateway,
+    agent_key: Key,
+    nc: NATS,
+    subjects: Subjects,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A revocation handled after the credential check but before registration still closes."""
+    agent_id = new_id()
+    token = mint_agent_credential(agent_key[0], agent_id, iat=int(time.time()) - 60)
+    verify = gateway.verifier.verify
+
+    def verify_then_revoke(credential: str) -> AgentIdentity:
+        identity = verify(credential)
+        # the revocation watch delivers now: no live connection of the agent exists yet
+        gateway._on_revocation(agent_id, datetime.now(UTC).isoformat().encode())
+        return identity
+
+    monkeypatch.setattr(gateway.verifier, "verify", verify_then_revoke)
+    async with agent_socket(gateway.port, token) as ws:
+        assert await closed_code(ws) == CloseCode.REVOKED
+    event, _ = await wait_presence(nc, subjects, agent_id, event_type="presence.disconnected")
+    assert isinstance(event, AgentDisconnected)
+    assert event.reason == DisconnectReason.REVOKED
+
+
+async def test_frames_over_the_rate_limit_are_refused_and_sustained_abuse_closes_4003(
+    start_gateway: StartGateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """Past the burst, frames get error{rate_limited} and are dropped; a flood closes 4003."""
+    gateway = await start_gateway(max_frames_per_s=0.5, frame_burst=2, max_consecutive_errors=5)
+    agent_id = new_id()
+    beats = await nc.subscribe(subjects.agent_events(agent_id, "heartbeat"))
+    await nc.flush()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        for _ in range(3):
+            await send_frame(ws, heartbeat())
+        frame = await recv_frame(ws)
+        assert isinstance(frame, ErrorFrame)
+        assert frame.code == ErrorCode.RATE_LIMITED
+        for _ in range(2):
+            await beats.next_msg(timeout=TIMEOUT_S)  # the burst went through
+        for _ in range(4):
+            await send_frame(ws, heartbeat())
+        assert await closed_code(ws) == CloseCode.TOO_MANY_ERRORS
+    assert beats.pending_msgs == 0  # nothing beyond the burst was published

@@ -177,6 +177,7 @@ class TunnelManager:
                     channel_id=getattr(frame, "channel_id", None),
                     code=exc.code,
                     error=exc.message,
+                    held_session_id=self._session_id if exc.code is ErrorCode.TUNNEL_BUSY else None,
                 )
             ]
 

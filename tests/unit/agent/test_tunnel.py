@@ -138,7 +138,16 @@ def test_handle_second_open_answers_tunnel_busy(open_tunnel: TunnelManager) -> N
     [answer] = open_tunnel.handle(TunnelOpen(req_id="r2", session_id="s2", tech_id="t2"))
     assert isinstance(answer, TunnelError)
     assert (answer.code, answer.req_id, answer.session_id) == (ErrorCode.TUNNEL_BUSY, "r2", "s2")
+    assert answer.held_session_id == "s1"
     assert open_tunnel.session_id == "s1"
+
+
+def test_other_refusals_name_no_held_session(open_tunnel: TunnelManager) -> None:
+    """Only tunnel_busy names the held session; other errors leave held_session_id empty."""
+    [answer] = open_tunnel.handle(TunnelClose(req_id="r3", session_id="other"))
+    assert isinstance(answer, TunnelError)
+    assert answer.code == ErrorCode.NO_SUCH_SESSION
+    assert answer.held_session_id is None
 
 
 def test_handle_close_answers_closed(open_tunnel: TunnelManager) -> None:

@@ -79,6 +79,8 @@ class TunnelError(Frame):
     channel_id: Id | None = None
     code: ErrorCode
     error: str = Field(max_length=1024)
+    held_session_id: Id | None = None
+    """With ``tunnel_busy``: the session the agent holds, so the server can close a zombie."""
 
 
 class ChannelOpen(Frame):

@@ -30,6 +30,7 @@ from .messages import (
     ServerToAgent,
 )
 from .messages.bus import AgentHeartbeat, CommandFailed, CommandReply, SessionUp
+from .messages.terminal import TerminalOutput
 
 T = TypeVar("T")
 
@@ -156,5 +157,6 @@ def json_schemas() -> dict[str, Any]:
         "SessionUp": _session_up,
         "AgentHeartbeat": _agent_heartbeat,
         "GatewayHeartbeat": _gateway_heartbeat,
+        "TerminalOutput": TypeAdapter(TerminalOutput),
     }
     return {name: adapter.json_schema(mode="serialization") for name, adapter in adapters.items()}

@@ -43,6 +43,9 @@ class ErrorCode(StrEnum):
     CHANNEL_EXISTS = "channel_exists"
     NO_SUCH_CHANNEL = "no_such_channel"
     NOT_IMPLEMENTED = "not_implemented"
+    CWD_NOT_ALLOWED = "cwd_not_allowed"
+    INVALID_COMMAND = "invalid_command"
+    TOO_MANY_CHANNELS = "too_many_channels"
     # gateway / bus
     AGENT_OFFLINE = "agent_offline"
     AGENT_TIMEOUT = "agent_timeout"

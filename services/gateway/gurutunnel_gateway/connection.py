@@ -52,15 +52,15 @@ from gurutunnel_protocol.envelope import (
     encode_text,
 )
 from gurutunnel_protocol.messages import (
+    REPLIES_BY_REQUEST,
+    REQUEST_TYPES,
+    SESSION_DOWN_TYPES,
+    SESSION_UP_TYPES,
     AgentConnected,
     AgentDisconnected,
     AgentHeartbeat,
     AgentReply,
     AgentToServer,
-    ChannelClose,
-    ChannelClosed,
-    ChannelOpen,
-    ChannelOpened,
     CommandFailed,
     CommandReply,
     DisconnectReason,
@@ -68,13 +68,8 @@ from gurutunnel_protocol.messages import (
     Frame,
     Heartbeat,
     SessionUp,
-    Terminal,
-    TerminalOutput,
     TunnelClose,
     TunnelClosed,
-    TunnelData,
-    TunnelError,
-    TunnelOpen,
     TunnelReady,
     Welcome,
 )
@@ -88,29 +83,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Frames the API may request on agent.<id>.cmd (each must carry a req_id).
-REQUEST_TYPES = (TunnelOpen, TunnelClose, ChannelOpen, ChannelClose, Terminal)
-# Agent frames that can answer a request (the AgentReply union).
-REPLY_TYPES = (TunnelReady, TunnelClosed, TunnelError, ChannelOpened, ChannelClosed, TerminalOutput)
-# For each request type, the replies that fit it (a subset of REPLY_TYPES).
-REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
-    "tunnel.open": (TunnelReady, TunnelError),
-    "tunnel.close": (TunnelClosed, TunnelError),
-    "channel.open": (ChannelOpened, TunnelError),
-    "channel.close": (ChannelClosed, TunnelError),
-    "terminal.command": (TerminalOutput, TunnelError),
-}
-# Agent frames relayed up the subject of a session this connection holds.
-SESSION_UP_TYPES = (
-    TunnelData,
-    TunnelError,
-    TunnelClosed,
-    ChannelOpened,
-    ChannelClosed,
-    TerminalOutput,
+# Agent frames that can answer a request: every reply type of every request (the protocol's
+# REPLIES_BY_REQUEST says which fits which).
+REPLY_TYPES: tuple[type[Frame], ...] = tuple(
+    {t for replies in REPLIES_BY_REQUEST.values() for t in replies}
 )
-# Frames the API may send on session.<id>.down.
-DOWN_TYPES = (TunnelData, ChannelOpen, ChannelClose, Terminal)
 
 PING_TIMEOUT_REASON = "keepalive ping timeout"  # websockets' close reason on a missed pong
 
@@ -545,7 +522,7 @@ class AgentConnection:
             if reply is not None:
                 await self._fail(reply, exc.code, exc.message)
             return
-        if not isinstance(frame, DOWN_TYPES) or frame.session_id != session_id:
+        if not isinstance(frame, SESSION_DOWN_TYPES) or frame.session_id != session_id:
             log.warning(
                 "session frame refused", extra=self._extra(session_id, frame_type=frame.type)
             )

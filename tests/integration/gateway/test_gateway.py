@@ -38,7 +38,7 @@ from gurutunnel_protocol.messages import (
     DisconnectReason,
     ErrorFrame,
     Terminal,
-    TerminalOutput,
+    TerminalStarted,
     TunnelClose,
     TunnelClosed,
     TunnelData,
@@ -217,13 +217,8 @@ async def test_command_is_forwarded_and_reply_is_stamped_with_credential_identit
         assert forwarded == req
         await send_frame(
             ws,
-            TerminalOutput(
-                req_id=req.req_id,
-                session_id=req.session_id,
-                channel_id="c1",
-                stdout="up 1 day",
-                stderr="",
-                exit_code=0,
+            TerminalStarted(
+                req_id=req.req_id, session_id=req.session_id, channel_id="c1", pid=4242
             ),
         )
         result = decode_command_result((await request).data)
@@ -231,8 +226,8 @@ async def test_command_is_forwarded_and_reply_is_stamped_with_credential_identit
     assert result.agent_id == agent_id
     assert result.conn_id == welcome.conn_id
     assert (result.gateway_id, result.boot_id) == (gateway.gateway_id, gateway.boot_id)
-    assert isinstance(result.frame, TerminalOutput)
-    assert result.frame.stdout == "up 1 day"
+    assert isinstance(result.frame, TerminalStarted)
+    assert result.frame.pid == 4242
 
 
 async def test_non_request_command_gets_malformed_frame_failure(
@@ -429,14 +424,7 @@ async def test_second_connection_replaces_first_and_gets_requests(
             assert await recv_frame(second) == req
             await send_frame(
                 second,
-                TerminalOutput(
-                    req_id=req.req_id,
-                    session_id=req.session_id,
-                    channel_id="c",
-                    stdout="",
-                    stderr="",
-                    exit_code=0,
-                ),
+                TerminalStarted(req_id=req.req_id, session_id=req.session_id, channel_id="c"),
             )
             result = decode_command_result((await request).data)
             assert isinstance(result, CommandReply)

@@ -15,8 +15,6 @@ from gurutunnel_gateway.auth import AgentIdentity
 from gurutunnel_gateway.bus import BusSubscription, MessageHandler
 from gurutunnel_gateway.config import GatewaySettings
 from gurutunnel_gateway.connection import (
-    REPLIES_BY_REQUEST,
-    REQUEST_TYPES,
     AgentConnection,
     ConnectionDeps,
     TokenBucket,
@@ -30,6 +28,8 @@ from gurutunnel_protocol.envelope import (
     encode_text,
 )
 from gurutunnel_protocol.messages import (
+    REPLIES_BY_REQUEST,
+    REQUEST_TYPES,
     AgentToServer,
     CommandFailed,
     CommandReply,
@@ -38,7 +38,7 @@ from gurutunnel_protocol.messages import (
     Heartbeat,
     HostMetrics,
     Terminal,
-    TerminalOutput,
+    TerminalStarted,
     TunnelReady,
 )
 from tests.integration.gateway.credentials import generate_agent_key
@@ -344,14 +344,10 @@ async def test_reply_of_the_wrong_kind_gets_error_frame_and_request_stays_pendin
     assert isinstance(error, ErrorFrame)
     assert (error.code, error.req_id) == (ErrorCode.MALFORMED_FRAME, "r1")
     assert bus.published == []
-    await conn._on_agent_frame(
-        TerminalOutput(
-            req_id="r1", session_id="s1", channel_id="c1", stdout="", stderr="", exit_code=0
-        )
-    )
+    await conn._on_agent_frame(TerminalStarted(req_id="r1", session_id="s1", channel_id="c1"))
     result = decode_command_result(bus.published[-1][1])
     assert isinstance(result, CommandReply)
-    assert isinstance(result.frame, TerminalOutput)
+    assert isinstance(result.frame, TerminalStarted)
 
 
 @pytest.mark.parametrize(
@@ -361,7 +357,8 @@ async def test_reply_of_the_wrong_kind_gets_error_frame_and_request_stays_pendin
         ("tunnel.close", {"tunnel.closed", "tunnel.error"}, {"tunnel.ready"}),
         ("channel.open", {"channel.opened", "tunnel.error"}, {"channel.closed"}),
         ("channel.close", {"channel.closed", "tunnel.error"}, {"channel.opened"}),
-        ("terminal.command", {"terminal.output", "tunnel.error"}, {"tunnel.ready"}),
+        ("terminal.command", {"terminal.started", "tunnel.error"}, {"tunnel.ready"}),
+        ("shell.open", {"channel.opened", "tunnel.error"}, {"terminal.started"}),
     ],
 )
 def test_every_request_kind_has_exactly_its_replies(

@@ -36,13 +36,20 @@ from gurutunnel_protocol.messages import (
     ConnectionTakeover,
     DisconnectReason,
     ErrorFrame,
+    ExitReason,
     GatewayHeartbeat,
     Heartbeat,
     HostMetrics,
+    OutputStream,
     Reconnect,
     SessionUp,
+    ShellOpen,
+    ShellResize,
     Terminal,
-    TerminalOutput,
+    TerminalCancel,
+    TerminalChunk,
+    TerminalExit,
+    TerminalStarted,
     TunnelClose,
     TunnelClosed,
     TunnelData,
@@ -76,6 +83,10 @@ SERVER_TO_AGENT: list[BaseModel] = [
     ChannelOpen(req_id="r3", session_id="s1", channel_id="ch1", channel_type=ChannelType.TERMINAL),
     ChannelClose(req_id="r4", session_id="s1", channel_id="ch1"),
     Terminal(req_id="r5", session_id="s1", channel_id="ch1", command="echo hi"),
+    Terminal(req_id="r6", session_id="s1", channel_id="ch2", argv=["ls", "-l"], cwd="/tmp"),
+    TerminalCancel(session_id="s1", channel_id="ch1"),
+    ShellOpen(req_id="r7", session_id="s1", channel_id="sh1", cols=120, rows=40),
+    ShellResize(session_id="s1", channel_id="sh1", cols=100, rows=30),
 ]
 AGENT_TO_SERVER: list[BaseModel] = [
     Heartbeat(sent_at=NOW, mode="heartbeat", metrics=METRICS),
@@ -85,8 +96,20 @@ AGENT_TO_SERVER: list[BaseModel] = [
     TunnelError(req_id="r1", session_id="s1", code=ErrorCode.TUNNEL_BUSY, error="busy"),
     ChannelOpened(req_id="r3", session_id="s1", channel_id="ch1", channel_type=ChannelType.FILE),
     ChannelClosed(req_id="r4", session_id="s1", channel_id="ch1"),
-    TerminalOutput(
-        req_id="r5", session_id="s1", channel_id="ch1", stdout="hi\n", stderr="", exit_code=0
+    TerminalStarted(req_id="r5", session_id="s1", channel_id="ch1", pid=77),
+    TerminalChunk(
+        session_id="s1", channel_id="ch1", seq=0, stream=OutputStream.STDERR, data=b"\x1b[31m"
+    ),
+    TerminalExit(
+        session_id="s1",
+        channel_id="ch1",
+        seq=1,
+        reason=ExitReason.TIMEOUT,
+        exit_code=None,
+        truncated=True,
+        duration_s=1.5,
+        stdout_bytes=10,
+        stderr_bytes=0,
     ),
 ]
 
@@ -194,3 +217,35 @@ def test_unknown_fields_are_ignored_so_identity_cannot_be_injected() -> None:
     """Extra fields (such as a forged agent_id) are dropped, not kept."""
     frame = decode_agent_to_server(b'{"type": "tunnel.ready", "session_id": "s", "agent_id": "x"}')
     assert "agent_id" not in frame.model_dump()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "terminal.command", "session_id": "s", "channel_id": "c"}',
+        b'{"type": "terminal.command", "session_id": "s", "channel_id": "c", "command": "id",'
+        b' "argv": ["id"]}',
+        b'{"type": "terminal.command", "session_id": "s", "channel_id": "c", "argv": []}',
+        b'{"type": "terminal.command", "session_id": "s", "channel_id": "c", "command": "x",'
+        b' "timeout_s": 0}',
+        b'{"type": "shell.open", "session_id": "s", "channel_id": "c", "cols": 0}',
+    ],
+)
+def test_invalid_terminal_requests_are_refused(raw: bytes) -> None:
+    """A command needs exactly one of command/argv, a positive timeout; a PTY a sane size."""
+    with pytest.raises(ProtocolError) as info:
+        decode_server_to_agent(raw)
+    assert info.value.code == ErrorCode.MALFORMED_FRAME
+
+
+def test_every_request_has_replies_and_every_reply_can_answer() -> None:
+    """REPLIES_BY_REQUEST covers exactly the request types; each reply is in AgentReply."""
+    from typing import get_args
+
+    from gurutunnel_protocol.messages import REPLIES_BY_REQUEST, REQUEST_TYPES, AgentReply
+
+    request_tags = {t.model_fields["type"].default for t in REQUEST_TYPES}
+    assert set(REPLIES_BY_REQUEST) == request_tags
+    reply_members = set(get_args(get_args(AgentReply)[0]))
+    for replies in REPLIES_BY_REQUEST.values():
+        assert set(replies) <= reply_members

@@ -2,8 +2,10 @@
 
 - ``ServerToAgent``: what a gateway may send on an agent socket.
 - ``AgentToServer``: what an agent may send on its socket.
-- ``AgentCommand``: what the API may send to an agent through ``agent.<id>.cmd`` (the gateway
-  forwards it as a ``ServerToAgent`` frame).
+- ``AgentCommand``: what the API may send towards an agent, the gateway forwarding it as a
+  ``ServerToAgent`` frame: the requests of ``REQUEST_TYPES`` (with a ``req_id``, on
+  ``agent.<id>.cmd``, each answered by one of ``REPLIES_BY_REQUEST[type]``) and the fire-and-forget
+  frames of ``SESSION_DOWN_TYPES`` (on ``session.<id>.down``).
 - Bus messages (gateway <-> api) live in :mod:`.bus`.
 """
 
@@ -33,7 +35,18 @@ from .bus import (
 )
 from .control import ErrorFrame, Reconnect, Welcome
 from .heartbeat import Heartbeat, HostMetrics
-from .terminal import Terminal, TerminalOutput
+from .terminal import (
+    ExitReason,
+    OutputStream,
+    ShellOpen,
+    ShellResize,
+    Terminal,
+    TerminalCancel,
+    TerminalChunk,
+    TerminalExit,
+    TerminalOutput,
+    TerminalStarted,
+)
 from .tunnel import (
     ChannelClose,
     ChannelClosed,
@@ -49,7 +62,15 @@ from .tunnel import (
 )
 
 AgentCommand = Annotated[
-    TunnelOpen | TunnelClose | TunnelData | ChannelOpen | ChannelClose | Terminal,
+    TunnelOpen
+    | TunnelClose
+    | TunnelData
+    | ChannelOpen
+    | ChannelClose
+    | Terminal
+    | TerminalCancel
+    | ShellOpen
+    | ShellResize,
     Field(discriminator="type"),
 ]
 
@@ -62,7 +83,10 @@ ServerToAgent = Annotated[
     | TunnelData
     | ChannelOpen
     | ChannelClose
-    | Terminal,
+    | Terminal
+    | TerminalCancel
+    | ShellOpen
+    | ShellResize,
     Field(discriminator="type"),
 ]
 
@@ -74,12 +98,57 @@ AgentToServer = Annotated[
     | TunnelError
     | ChannelOpened
     | ChannelClosed
-    | TerminalOutput,
+    | TerminalStarted
+    | TerminalChunk
+    | TerminalExit,
     Field(discriminator="type"),
 ]
 
+REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
+    "tunnel.open": (TunnelReady, TunnelError),
+    "tunnel.close": (TunnelClosed, TunnelError),
+    "channel.open": (ChannelOpened, TunnelError),
+    "channel.close": (ChannelClosed, TunnelError),
+    "terminal.command": (TerminalStarted, TunnelError),
+    "shell.open": (ChannelOpened, TunnelError),
+}
+"""For each request (by ``type``), the agent frames that answer it (echoing its ``req_id``)."""
+
+REQUEST_TYPES: tuple[type[Frame], ...] = (
+    TunnelOpen,
+    TunnelClose,
+    ChannelOpen,
+    ChannelClose,
+    Terminal,
+    ShellOpen,
+)
+"""Requests: sent on ``agent.<id>.cmd`` with a ``req_id`` and answered exactly once."""
+
+SESSION_DOWN_TYPES: tuple[type[Frame], ...] = (
+    TunnelData,
+    TerminalCancel,
+    ShellResize,
+    ChannelClose,
+)
+"""Technician input the API publishes on ``session.<id>.down`` (no answer)."""
+
+SESSION_UP_TYPES: tuple[type[Frame], ...] = (
+    TunnelData,
+    TunnelError,
+    TunnelClosed,
+    ChannelOpened,
+    ChannelClosed,
+    TerminalChunk,
+    TerminalExit,
+)
+"""Agent frames a gateway relays on ``session.<id>.up`` (the ``SessionFrame`` union)."""
+
 __all__ = [
     "PROTOCOL_VERSION",
+    "REPLIES_BY_REQUEST",
+    "REQUEST_TYPES",
+    "SESSION_DOWN_TYPES",
+    "SESSION_UP_TYPES",
     "AgentCommand",
     "AgentConnected",
     "AgentDisconnected",
@@ -98,18 +167,26 @@ __all__ = [
     "ControlMessage",
     "DisconnectReason",
     "ErrorFrame",
+    "ExitReason",
     "Frame",
     "GatewayHeartbeat",
     "GatewayStamp",
     "Heartbeat",
     "HostMetrics",
+    "OutputStream",
     "PresenceEvent",
     "Reconnect",
     "ServerToAgent",
     "SessionFrame",
     "SessionUp",
+    "ShellOpen",
+    "ShellResize",
     "Terminal",
+    "TerminalCancel",
+    "TerminalChunk",
+    "TerminalExit",
     "TerminalOutput",
+    "TerminalStarted",
     "TunnelClose",
     "TunnelClosed",
     "TunnelData",

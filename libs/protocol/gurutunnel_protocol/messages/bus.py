@@ -17,7 +17,7 @@ from ..errors import ErrorCode
 from ..ids import Id
 from .base import Frame
 from .heartbeat import HostMetrics
-from .terminal import TerminalOutput
+from .terminal import TerminalChunk, TerminalExit, TerminalStarted
 from .tunnel import (
     ChannelClosed,
     ChannelOpened,
@@ -96,7 +96,7 @@ class GatewayHeartbeat(Frame):
 
 
 AgentReply = Annotated[
-    TunnelReady | TunnelClosed | TunnelError | ChannelOpened | ChannelClosed | TerminalOutput,
+    TunnelReady | TunnelClosed | TunnelError | ChannelOpened | ChannelClosed | TerminalStarted,
     Field(discriminator="type"),
 ]
 
@@ -119,7 +119,13 @@ class CommandFailed(Frame):
 
 
 SessionFrame = Annotated[
-    TunnelData | TunnelError | TunnelClosed | ChannelOpened | ChannelClosed | TerminalOutput,
+    TunnelData
+    | TunnelError
+    | TunnelClosed
+    | ChannelOpened
+    | ChannelClosed
+    | TerminalChunk
+    | TerminalExit,
     Field(discriminator="type"),
 ]
 

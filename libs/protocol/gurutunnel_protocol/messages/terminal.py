@@ -1,27 +1,145 @@
-"""Terminal channel payloads: run a command, receive its output."""
+"""Terminal and shell channels: run a command with streamed output, or drive a PTY.
+
+Contract:
+- ``terminal.command`` runs one command on a new channel ``channel_id``: ``command`` through the
+  agent's platform shell, or ``argv`` executed directly with no shell (exactly one of them). The
+  agent answers the request with ``terminal.started`` (or ``tunnel.error``: ``cwd_not_allowed``,
+  ``invalid_command``, ``too_many_channels``), then streams ``terminal.chunk`` frames as output is
+  produced and always ends the channel with one ``terminal.exit``. Chunks and the exit frame of a
+  channel are numbered ``seq`` 0, 1, 2, ... with no gaps, so a receiver can see loss.
+- ``terminal.cancel`` (server -> agent, no answer) kills the command's whole process tree; its
+  exit frame then says ``cancelled``. A timeout does the same with ``timeout``; closing the
+  session ends every channel with ``session_closed``.
+- Output beyond the cap (the smaller of ``max_output_bytes`` and the agent's own cap) is dropped
+  and the exit frame says ``truncated``; the command keeps running until it ends.
+- ``shell.open`` starts an interactive PTY on channel ``channel_id`` (answered by
+  ``channel.opened`` with ``channel_type: shell``). Input is ``tunnel.data`` to the agent, the
+  size changes with ``shell.resize``; output is ``terminal.chunk`` (``stream: stdout``) and the
+  end a ``terminal.exit``. ``channel.close`` kills the shell.
+- ``TerminalOutput`` is the whole result of one command, the shape the API assembles from the
+  stream for one-shot REST calls; agents do not send it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..ids import Id
-from .base import Frame
+from .base import Frame, WireBytes
+
+MAX_COMMAND_CHARS = 65536
+MAX_ARGV_ITEMS = 1024
+MAX_PATH_CHARS = 4096
+
+
+class OutputStream(StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class ExitReason(StrEnum):
+    """Why a terminal or shell channel ended."""
+
+    EXITED = "exited"
+    """The process ended by itself; ``exit_code`` is set (negative: killed by that signal)."""
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    SPAWN_FAILED = "spawn_failed"
+    """The process could not be started (``error`` says why)."""
+    SESSION_CLOSED = "session_closed"
 
 
 class Terminal(Frame):
-    """server -> agent: run ``command`` on the terminal channel ``channel_id``."""
+    """server -> agent: run a command on the new terminal channel ``channel_id``."""
 
     type: Literal["terminal.command"] = "terminal.command"
     req_id: Id | None = None
     session_id: Id
     channel_id: Id
-    command: str = Field(max_length=65536)
+    command: str | None = Field(default=None, max_length=MAX_COMMAND_CHARS)
+    argv: list[str] | None = Field(default=None, min_length=1, max_length=MAX_ARGV_ITEMS)
+    cwd: str | None = Field(default=None, max_length=MAX_PATH_CHARS)
+    timeout_s: float = Field(default=300.0, gt=0, le=86400)
+    max_output_bytes: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of_command_or_argv(self) -> Self:
+        if (self.command is None) == (self.argv is None):
+            raise ValueError("exactly one of command or argv is required")
+        return self
+
+
+class TerminalStarted(Frame):
+    """agent -> server: answer to ``terminal.command``; the process runs."""
+
+    type: Literal["terminal.started"] = "terminal.started"
+    req_id: Id | None = None
+    session_id: Id
+    channel_id: Id
+    pid: int | None = None
+
+
+class TerminalChunk(Frame):
+    """agent -> server: output of a terminal or shell channel, numbered per channel."""
+
+    type: Literal["terminal.chunk"] = "terminal.chunk"
+    session_id: Id
+    channel_id: Id
+    seq: int = Field(ge=0)
+    stream: OutputStream
+    data: WireBytes
+
+
+class TerminalExit(Frame):
+    """agent -> server: the last frame of a terminal or shell channel."""
+
+    type: Literal["terminal.exit"] = "terminal.exit"
+    session_id: Id
+    channel_id: Id
+    seq: int = Field(ge=0)
+    reason: ExitReason
+    exit_code: int | None = None
+    truncated: bool = False
+    duration_s: float = Field(ge=0)
+    stdout_bytes: int = Field(ge=0)
+    stderr_bytes: int = Field(ge=0)
+    error: str | None = Field(default=None, max_length=1024)
+
+
+class TerminalCancel(Frame):
+    """server -> agent: kill the command of ``channel_id`` (no answer; its exit frame follows)."""
+
+    type: Literal["terminal.cancel"] = "terminal.cancel"
+    session_id: Id
+    channel_id: Id
+
+
+class ShellOpen(Frame):
+    """server -> agent: start an interactive PTY shell on channel ``channel_id``."""
+
+    type: Literal["shell.open"] = "shell.open"
+    req_id: Id | None = None
+    session_id: Id
+    channel_id: Id
+    cols: int = Field(default=80, ge=1, le=1000)
+    rows: int = Field(default=24, ge=1, le=1000)
+
+
+class ShellResize(Frame):
+    """server -> agent: the technician's terminal changed size."""
+
+    type: Literal["shell.resize"] = "shell.resize"
+    session_id: Id
+    channel_id: Id
+    cols: int = Field(ge=1, le=1000)
+    rows: int = Field(ge=1, le=1000)
 
 
 class TerminalOutput(Frame):
-    """agent -> server: the whole result of a command."""
+    """The whole result of one command (assembled by the API; not sent by agents)."""
 
     type: Literal["terminal.output"] = "terminal.output"
     req_id: Id | None = None

@@ -21,6 +21,7 @@ class ChannelType(StrEnum):
     """Kinds of channel multiplexed inside a session."""
 
     TERMINAL = "terminal"
+    SHELL = "shell"
     FILE = "file"
     REGISTRY = "registry"
     SERVICE = "service"

@@ -28,6 +28,14 @@ Contract:
   ``reconnect_jitter_s``: a gateway cannot park the agent for longer than the backoff cap, and
   a gateway that accepts then says ``reconnect{0}`` over and over still gets backed off.
 - Every disconnect force-closes the tunnel (the session cannot outlive its socket).
+- Channels (``gurutunnel_agent.channels``): the client carries out the actions the tunnel
+  returns. ``terminal.command`` spawns the process, answers ``terminal.started{pid}`` (same
+  ``req_id``), then streams; ``shell.open`` answers ``channel.opened{shell}``. Each channel runs
+  as one task of the connection, emitting through :meth:`AgentClient._send` (awaited:
+  back-pressure from a slow socket reaches the pipe). A finished channel is released in the
+  tunnel. ``channel.close`` and ``tunnel.close`` kill the process trees and wait for the exit
+  frames (bounded) before their answer. When the connection ends, every channel is ended
+  (``session_closed``, trees killed) and nothing more is sent for it.
 - ``stop()`` (signals) ends ``run()`` promptly: the socket is closed with code 1000.
 """
 
@@ -53,13 +61,21 @@ from gurutunnel_protocol import CloseCode, ErrorCode, ProtocolError, close_is_fa
 from gurutunnel_protocol.envelope import decode_server_to_agent, encode_text
 from gurutunnel_protocol.messages import (
     AgentToServer,
+    ChannelOpened,
+    ChannelType,
     ErrorFrame,
+    ExitReason,
     Heartbeat,
     HostMetrics,
     Reconnect,
+    TerminalStarted,
+    TunnelError,
     Welcome,
 )
 
+from .channels.output import Emit
+from .channels.shell import ShellChannel
+from .channels.terminal import CommandChannel, CommandLimits, resolve_cwd
 from .config import AgentSettings, CredentialError
 from .metrics import (
     agent_version,
@@ -67,7 +83,17 @@ from .metrics import (
     minimal_host_metrics,
     prime_cpu_percent,
 )
-from .tunnel import TunnelManager
+from .tunnel import (
+    ACTION_TYPES,
+    Action,
+    EndSession,
+    ResizeShell,
+    ShellInput,
+    StartCommand,
+    StartShell,
+    StopChannel,
+    TunnelManager,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +162,22 @@ class _Connection:
     welcome: Welcome | None = None
     heartbeat: asyncio.Task[None] | None = None
     reconnect_delay_s: float | None = None
+    alive: bool = True
+    """False once the socket is gone: channel output is dropped, not sent."""
+    channels: dict[str, _Running] = field(default_factory=dict)
+    """Running channels of this connection's session, by channel id."""
+
+
+Runtime = CommandChannel | ShellChannel
+"""The channel runtimes (both satisfy ``channels.ChannelRuntime``)."""
+
+
+@dataclass
+class _Running:
+    session_id: str
+    channel_id: str
+    runtime: Runtime
+    task: asyncio.Task[None]
 
 
 def _refusal_reason(response: Response) -> str:
@@ -180,7 +222,15 @@ class AgentClient:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.tunnel = tunnel if tunnel is not None else TunnelManager()
+        allowlist = list(settings.cwd_allowlist)
+        self.tunnel = (
+            tunnel
+            if tunnel is not None
+            else TunnelManager(
+                max_channels=settings.max_channels,
+                resolve_cwd=lambda cwd: resolve_cwd(cwd, allowlist),
+            )
+        )
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
@@ -364,6 +414,14 @@ class AgentClient:
             if conn.heartbeat is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await conn.heartbeat
+            # the session cannot outlive its socket: kill what it started, send nothing more
+            conn.alive = False
+            try:
+                await self._end_channels(conn, ExitReason.SESSION_CLOSED)
+            except BaseException:
+                for running in conn.channels.values():
+                    running.runtime.kill_now()
+                raise
 
     async def _read_loop(self, conn: _Connection) -> None:
         """The one reader of this connection: decode, dispatch, answer."""
@@ -413,8 +471,193 @@ class AgentClient:
             )
             await conn.ws.close(CloseCode.NORMAL, "reconnect requested")
         else:
-            for answer in self.tunnel.handle(frame):
-                await self._send(conn, answer)
+            for item in self.tunnel.handle(frame):
+                if isinstance(item, ACTION_TYPES):
+                    await self._act(conn, item)
+                else:
+                    await self._send(conn, item)
+
+    # -- channels ---------------------------------------------------------------------------
+
+    async def _act(self, conn: _Connection, action: Action) -> None:
+        match action:
+            case StartCommand() | StartShell():
+                frame = action.frame
+                try:
+                    if isinstance(action, StartCommand):
+                        await self._start_command(conn, action)
+                    else:
+                        await self._start_shell(conn, action)
+                except ConnectionClosed:
+                    raise
+                except Exception:
+                    # a bug, not a refusal: free the slot and answer instead of going silent
+                    log.exception("channel could not be started", extra={"type": frame.type})
+                    if frame.channel_id not in conn.channels:
+                        self.tunnel.release_channel(frame.session_id, frame.channel_id)
+                        await self._send(
+                            conn,
+                            TunnelError(
+                                req_id=frame.req_id,
+                                session_id=frame.session_id,
+                                channel_id=frame.channel_id,
+                                code=ErrorCode.INTERNAL_ERROR,
+                                error="the agent could not start the channel",
+                            ),
+                        )
+            case StopChannel():
+                running = conn.channels.get(action.channel_id)
+                if running is not None and running.session_id == action.session_id:
+                    running.runtime.request_stop(action.reason)
+                    if action.wait:
+                        await self._await_channels(conn, [running])
+            case EndSession():
+                await self._end_channels(conn, ExitReason.SESSION_CLOSED, action.session_id)
+            case ShellInput():
+                await self._shell_input(conn, action)
+            case ResizeShell():
+                running = conn.channels.get(action.channel_id)
+                if running is not None and isinstance(running.runtime, ShellChannel):
+                    running.runtime.resize(cols=action.cols, rows=action.rows)
+
+    def _emitter(self, conn: _Connection) -> Emit:
+        async def emit(frame: AgentToServer) -> None:
+            if not conn.alive:
+                return  # the socket (and so the session) is gone: nothing leaves for it
+            try:
+                await self._send(conn, frame)
+            except ConnectionClosed:
+                conn.alive = False
+
+        return emit
+
+    async def _start_command(self, conn: _Connection, action: StartCommand) -> None:
+        s, frame = self.settings, action.frame
+        runtime = CommandChannel(
+            frame,
+            cwd=action.cwd,
+            limits=CommandLimits(
+                chunk_bytes=s.chunk_bytes,
+                max_output_bytes=s.max_output_bytes,
+                kill_grace_s=s.kill_grace_s,
+            ),
+            emit=self._emitter(conn),
+        )
+        pid = await runtime.start()
+        # registered before the answer: if the socket dies while answering, the connection's
+        # cleanup still finds (and kills) the process
+        self._launch(conn, frame.session_id, frame.channel_id, runtime)
+        log.info(
+            "command started",
+            extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
+        )
+        await self._send(
+            conn,
+            TerminalStarted(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                pid=pid,
+            ),
+        )
+        runtime.output.open()
+
+    async def _start_shell(self, conn: _Connection, action: StartShell) -> None:
+        s, frame = self.settings, action.frame
+        runtime = ShellChannel(
+            frame,
+            cwd=action.cwd,
+            chunk_bytes=s.chunk_bytes,
+            kill_grace_s=s.kill_grace_s,
+            input_timeout_s=s.send_timeout_s,
+            emit=self._emitter(conn),
+        )
+        pid = await runtime.start()
+        self._launch(conn, frame.session_id, frame.channel_id, runtime)
+        log.info(
+            "shell started",
+            extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
+        )
+        await self._send(
+            conn,
+            ChannelOpened(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                channel_type=ChannelType.SHELL,
+            ),
+        )
+        runtime.output.open()
+
+    def _launch(
+        self, conn: _Connection, session_id: str, channel_id: str, runtime: Runtime
+    ) -> None:
+        task = asyncio.create_task(runtime.run(), name=f"agent-channel-{channel_id}")
+        running = _Running(session_id, channel_id, runtime, task)
+        conn.channels[channel_id] = running
+        task.add_done_callback(lambda _: self._channel_done(conn, running))
+
+    def _channel_done(self, conn: _Connection, running: _Running) -> None:
+        if conn.channels.get(running.channel_id) is running:
+            del conn.channels[running.channel_id]
+        # the id may be used again (a no-op if the session was closed meanwhile)
+        self.tunnel.release_channel(running.session_id, running.channel_id)
+        task = running.task
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            log.error(
+                "channel failed",
+                extra={"channel_id": running.channel_id},
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+    def _channel_end_bound_s(self) -> float:
+        # kill (TERM, grace, KILL, grace), drain (grace), then the exit frame's send
+        return 4 * self.settings.kill_grace_s + self.settings.send_timeout_s + 1.0
+
+    async def _await_channels(self, conn: _Connection, runnings: list[_Running]) -> None:
+        """Wait (bounded) for channels to finish; stragglers are cancelled (SIGKILL)."""
+        tasks = {r.task for r in runnings}
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self._channel_end_bound_s())
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("channels did not end in time; killed", extra={"count": len(pending)})
+            await asyncio.wait(pending, timeout=1.0)
+        for running in runnings:
+            if conn.channels.get(running.channel_id) is running:
+                del conn.channels[running.channel_id]
+
+    async def _end_channels(
+        self, conn: _Connection, reason: ExitReason, session_id: str | None = None
+    ) -> None:
+        """End every running channel (of ``session_id``, if given) with ``reason``."""
+        runnings = [
+            r for r in conn.channels.values() if session_id is None or r.session_id == session_id
+        ]
+        for running in runnings:
+            running.runtime.request_stop(reason)
+        await self._await_channels(conn, runnings)
+
+    async def _shell_input(self, conn: _Connection, action: ShellInput) -> None:
+        running = conn.channels.get(action.channel_id)
+        if running is None or not isinstance(running.runtime, ShellChannel):
+            return  # registered but already ending: its exit frame is on the way
+        try:
+            await running.runtime.write(action.data)
+        except TimeoutError:
+            await self._send(
+                conn,
+                TunnelError(
+                    session_id=action.session_id,
+                    channel_id=action.channel_id,
+                    code=ErrorCode.AGENT_BACKPRESSURE,
+                    error="the shell did not read its input in time; input dropped",
+                ),
+            )
 
     def _on_welcome(self, conn: _Connection, frame: Welcome) -> None:
         if conn.welcome is not None:

@@ -11,12 +11,21 @@ Contract:
   connection attempt (:meth:`AgentSettings.read_credential`) so a rotated credential is picked
   up without a restart.
 - Durations end in ``_s``, sizes in ``_bytes``; every wait of the agent is one of these.
+- Channel settings (commands and shells): ``chunk_bytes`` (``GT_AGENT_CHUNK_BYTES``, output read
+  and sent in pieces of at most this size), ``max_output_bytes`` (``GT_AGENT_MAX_OUTPUT_BYTES``,
+  the agent's own cap per command; a request may only lower it), ``max_channels``
+  (``GT_AGENT_MAX_CHANNELS``, channels per session), ``kill_grace_s`` (``GT_AGENT_KILL_GRACE_S``,
+  SIGTERM -> SIGKILL delay when a process tree is killed; also how long output of an exited
+  command may keep draining) and ``cwd_allowlist`` (``GT_AGENT_CWD_ALLOWLIST``, a JSON list of
+  directories in the environment, a TOML array in the file; default: the user's home directory
+  and the system temp dir; the first entry is the default working directory).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,11 @@ class ConfigError(Exception):
 
 class CredentialError(Exception):
     """The credential file cannot be read or holds no usable credential."""
+
+
+def _default_cwd_allowlist() -> list[Path]:
+    # evaluated when settings are built, never at import time
+    return [Path.home(), Path(tempfile.gettempdir())]
 
 
 def _check_credential(value: str, *, where: str) -> str:
@@ -92,6 +106,19 @@ class AgentSettings(BaseSettings):
     reconnect_jitter_s: float = Field(default=1.0, ge=0)
     """Random extra delay in [0, this] added to a gateway's ``reconnect{delay_ms}``."""
 
+    chunk_bytes: int = Field(default=32 * 1024, ge=1, le=512 * 1024)
+    """Largest piece of command or shell output sent in one ``terminal.chunk``."""
+    max_output_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Cap on the output delivered per command (stdout + stderr); the rest is dropped, flagged."""
+    max_channels: int = Field(default=16, ge=1, le=1024)
+    """Channels open at once in one session; one more is refused ``too_many_channels``."""
+    kill_grace_s: float = Field(default=2.0, gt=0, le=60)
+    """SIGTERM (SIGHUP for shells) to a process group, then SIGKILL after this long."""
+    cwd_allowlist: list[Path] = Field(
+        default_factory=lambda: _default_cwd_allowlist(), min_length=1
+    )
+    """Directories a command may run in (their real paths, subdirectories included)."""
+
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @classmethod
@@ -128,12 +155,23 @@ class AgentSettings(BaseSettings):
                 raise ValueError(str(exc).split(": ", 1)[1]) from None
         return value
 
+    @field_validator("cwd_allowlist")
+    @classmethod
+    def _allowlist_is_absolute(cls, value: list[Path]) -> list[Path]:
+        for entry in value:
+            if not entry.is_absolute():
+                raise ValueError(f"{entry}: must be an absolute path")
+        return value
+
     @model_validator(mode="after")
     def _one_credential_source(self) -> AgentSettings:
         if (self.credential is None) == (self.credential_file is None):
             raise ValueError("set exactly one of credential and credential_file")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        # a chunk travels base64-encoded (4/3) inside a JSON frame: it must fit the frame limit
+        if self.chunk_bytes * 4 // 3 + 1024 > self.max_frame_bytes:
+            raise ValueError("chunk_bytes is too large for max_frame_bytes (base64 + envelope)")
         if self.credential_file is not None:
             try:
                 self.read_credential()

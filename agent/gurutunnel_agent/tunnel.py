@@ -12,10 +12,29 @@ Contract:
      +-- ChannelExists       CHANNEL_EXISTS   the channel id is already open in this session
      +-- NoSuchChannel       NO_SUCH_CHANNEL  the channel id is not open in this session
      +-- NotImplementedYet   NOT_IMPLEMENTED  a frame this version cannot serve
+     +-- TooManyChannels     TOO_MANY_CHANNELS  the session has ``max_channels`` channels open
+     +-- CwdNotAllowed       CWD_NOT_ALLOWED  the working directory is outside the allowlist
+     +-- InvalidCommand      INVALID_COMMAND  the command cannot be run as given
 
-- ``handle(frame)`` turns one server frame into the frames to send back (never raises for a
-  state error: it answers ``tunnel.error`` echoing ``req_id``). Connection-level frames
-  (``welcome``, ``error``, ``reconnect``) are the client's business and yield no answer.
+- ``handle(frame)`` turns one server frame into what the client must do, in order: frames to
+  send and :data:`Action` s to carry out (never raises for a state error: it answers
+  ``tunnel.error`` echoing ``req_id``). Connection-level frames (``welcome``, ``error``,
+  ``reconnect``) are the client's business and yield nothing.
+- Channels that run something (the I/O lives in ``gurutunnel_agent.channels``; the client runs
+  their tasks and owns their lifetimes):
+
+  * ``terminal.command``: session held, channel id unused, fewer than ``max_channels`` open,
+    command valid, ``cwd`` allowed (``resolve_cwd``, injected) -> the channel is registered and
+    :class:`StartCommand` returned; the client answers ``terminal.started``.
+  * ``shell.open``: the same checks (cwd: the default one) -> :class:`StartShell`; the client
+    answers ``channel.opened{shell}``. ``not_implemented`` where PTYs are unsupported.
+  * ``terminal.cancel`` -> :class:`StopChannel` (``cancelled``, not awaited, no answer);
+    ``tunnel.data`` on a shell -> :class:`ShellInput`; ``shell.resize`` -> :class:`ResizeShell`.
+  * ``channel.close`` -> :class:`StopChannel` (awaited) then ``channel.closed``;
+    ``tunnel.close`` -> :class:`EndSession` (every channel ends ``session_closed``, its process
+    tree killed) then ``tunnel.closed``.
+  * A finished channel is released by the client with :meth:`TunnelManager.release_channel`,
+    so its id may be used again.
 - ``open_tunnel`` for the session already open (same session and technician) is idempotent:
   a re-delivered ``tunnel.open`` is answered ``tunnel.ready`` again rather than refused.
 - ``force_close()`` is called when the socket is lost: the session and its channels are
@@ -24,7 +43,11 @@ Contract:
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from gurutunnel_protocol import ErrorCode
 from gurutunnel_protocol.messages import (
@@ -35,9 +58,13 @@ from gurutunnel_protocol.messages import (
     ChannelOpened,
     ChannelType,
     ErrorFrame,
+    ExitReason,
     Reconnect,
     ServerToAgent,
+    ShellOpen,
+    ShellResize,
     Terminal,
+    TerminalCancel,
     TunnelClose,
     TunnelClosed,
     TunnelData,
@@ -83,13 +110,113 @@ class NotImplementedYet(TunnelStateError):
     code = ErrorCode.NOT_IMPLEMENTED
 
 
-class TunnelManager:
-    """Mode, session and channels of one agent (the seed's Rust ``TunnelManager``)."""
+class TooManyChannels(TunnelStateError):
+    code = ErrorCode.TOO_MANY_CHANNELS
 
-    def __init__(self) -> None:
+
+class CwdNotAllowed(TunnelStateError):
+    code = ErrorCode.CWD_NOT_ALLOWED
+
+
+class InvalidCommand(TunnelStateError):
+    code = ErrorCode.INVALID_COMMAND
+
+
+# -- actions: what the client must carry out (the I/O half of a frame) ---------------------
+
+
+@dataclass(frozen=True)
+class StartCommand:
+    """Spawn ``frame``'s command in ``cwd`` (resolved, allowed), answer ``terminal.started``."""
+
+    frame: Terminal
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class StartShell:
+    """Open a PTY shell in ``cwd``, answer ``channel.opened{shell}``."""
+
+    frame: ShellOpen
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class StopChannel:
+    """Kill the channel's process tree; it ends with ``reason``. ``wait``: before going on."""
+
+    session_id: str
+    channel_id: str
+    reason: ExitReason
+    wait: bool
+
+
+@dataclass(frozen=True)
+class ShellInput:
+    session_id: str
+    channel_id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ResizeShell:
+    session_id: str
+    channel_id: str
+    cols: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """End every running channel of ``session_id`` (``session_closed``) and wait for them."""
+
+    session_id: str
+
+
+Action = StartCommand | StartShell | StopChannel | ShellInput | ResizeShell | EndSession
+ACTION_TYPES = (StartCommand, StartShell, StopChannel, ShellInput, ResizeShell, EndSession)
+
+
+def _refuse_all_cwds(cwd: str | None) -> Path:
+    raise CwdNotAllowed("no working directory allowlist is configured")
+
+
+def check_command(frame: Terminal) -> None:
+    """:class:`InvalidCommand` for a command no OS can run (NUL bytes, empty program)."""
+    if frame.argv is not None:
+        if not frame.argv[0]:
+            raise InvalidCommand("argv[0] must not be empty")
+        if any("\x00" in item for item in frame.argv):
+            raise InvalidCommand("argv must not contain NUL characters")
+    elif frame.command is not None:
+        if not frame.command.strip():
+            raise InvalidCommand("command must not be empty")
+        if "\x00" in frame.command:
+            raise InvalidCommand("command must not contain NUL characters")
+    if frame.cwd is not None and "\x00" in frame.cwd:
+        raise CwdNotAllowed("the working directory must not contain NUL characters")
+
+
+class TunnelManager:
+    """Mode, session and channels of one agent (the seed's Rust ``TunnelManager``).
+
+    ``resolve_cwd`` maps a requested working directory (``None``: the default) to the real
+    allowed one or raises :class:`CwdNotAllowed`; without it every command is refused.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_channels: int = 16,
+        resolve_cwd: Callable[[str | None], Path] | None = None,
+        shell_supported: bool = sys.platform != "win32",
+    ) -> None:
         self._session_id: str | None = None
         self._tech_id: str | None = None
         self._channels: dict[str, ChannelType] = {}
+        self.max_channels = max_channels
+        self._resolve_cwd = resolve_cwd or _refuse_all_cwds
+        self.shell_supported = shell_supported
 
     @property
     def mode(self) -> TunnelMode:
@@ -126,12 +253,24 @@ class TunnelManager:
         self._drop()
 
     def add_channel(self, channel_id: str, channel_type: ChannelType) -> None:
-        """Open a channel in the current session (:class:`ChannelExists` if already open)."""
+        """Open a channel in the current session (exists / too many are refused)."""
         if self._session_id is None:
             raise NoSuchSession("no tunnel session is open")
+        self._check_free(channel_id)
+        self._channels[channel_id] = channel_type
+
+    def release_channel(self, session_id: str, channel_id: str) -> bool:
+        """Forget a finished channel if ``session_id`` is still open; whether it was there."""
+        if self._session_id != session_id or channel_id not in self._channels:
+            return False
+        del self._channels[channel_id]
+        return True
+
+    def _check_free(self, channel_id: str) -> None:
         if channel_id in self._channels:
             raise ChannelExists(f"channel {channel_id} is already open")
-        self._channels[channel_id] = channel_type
+        if len(self._channels) >= self.max_channels:
+            raise TooManyChannels(f"at most {self.max_channels} channels may be open at once")
 
     def remove_channel(self, channel_id: str) -> None:
         """Close a channel of the current session (:class:`NoSuchChannel` if not open)."""
@@ -163,8 +302,8 @@ class TunnelManager:
 
     # -- frames -----------------------------------------------------------------------------
 
-    def handle(self, frame: ServerToAgent) -> list[AgentToServer]:
-        """The frames to send in answer to ``frame`` (empty for connection-level frames)."""
+    def handle(self, frame: ServerToAgent) -> list[AgentToServer | Action]:
+        """What to send and do for ``frame``, in order (empty for connection-level frames)."""
         if isinstance(frame, Welcome | ErrorFrame | Reconnect):
             return []
         try:
@@ -182,8 +321,17 @@ class TunnelManager:
             ]
 
     def _dispatch(
-        self, frame: TunnelOpen | TunnelClose | TunnelData | ChannelOpen | ChannelClose | Terminal
-    ) -> list[AgentToServer]:
+        self,
+        frame: TunnelOpen
+        | TunnelClose
+        | TunnelData
+        | ChannelOpen
+        | ChannelClose
+        | Terminal
+        | TerminalCancel
+        | ShellOpen
+        | ShellResize,
+    ) -> list[AgentToServer | Action]:
         match frame:
             case TunnelOpen():
                 self.open_tunnel(frame.session_id, frame.tech_id)
@@ -191,9 +339,10 @@ class TunnelManager:
             case TunnelClose():
                 self.close_tunnel(frame.session_id)
                 return [
+                    EndSession(frame.session_id),
                     TunnelClosed(
                         req_id=frame.req_id, session_id=frame.session_id, reason=frame.reason
-                    )
+                    ),
                 ]
             case ChannelOpen():
                 self._require_session(frame.session_id)
@@ -207,17 +356,56 @@ class TunnelManager:
                     )
                 ]
             case ChannelClose():
-                self._require_session(frame.session_id)
+                self._require_channel(frame.session_id, frame.channel_id)
                 self.remove_channel(frame.channel_id)
                 return [
+                    StopChannel(
+                        frame.session_id, frame.channel_id, ExitReason.CANCELLED, wait=True
+                    ),
                     ChannelClosed(
                         req_id=frame.req_id,
                         session_id=frame.session_id,
                         channel_id=frame.channel_id,
+                    ),
+                ]
+            case Terminal():
+                self._require_session(frame.session_id)
+                self._check_free(frame.channel_id)
+                check_command(frame)
+                cwd = self._resolve_cwd(frame.cwd)
+                self._channels[frame.channel_id] = ChannelType.TERMINAL
+                return [StartCommand(frame, cwd)]
+            case ShellOpen():
+                self._require_session(frame.session_id)
+                self._check_free(frame.channel_id)
+                if not self.shell_supported:
+                    raise NotImplementedYet("interactive shells are not supported on this OS")
+                cwd = self._resolve_cwd(None)
+                self._channels[frame.channel_id] = ChannelType.SHELL
+                return [StartShell(frame, cwd)]
+            case TerminalCancel():
+                self._require_running(frame.session_id, frame.channel_id, frame.type)
+                return [
+                    StopChannel(
+                        frame.session_id, frame.channel_id, ExitReason.CANCELLED, wait=False
                     )
                 ]
-            case Terminal() | TunnelData():
-                # the seam for command execution (gurutunnel_agent.channels) is the next issue;
-                # until then the request is refused visibly instead of being dropped
-                self._require_channel(frame.session_id, frame.channel_id)
-                raise NotImplementedYet(f"{frame.type} is not implemented by this agent version")
+            case TunnelData():
+                self._require_shell(frame.session_id, frame.channel_id, frame.type)
+                return [ShellInput(frame.session_id, frame.channel_id, frame.data)]
+            case ShellResize():
+                self._require_shell(frame.session_id, frame.channel_id, frame.type)
+                return [ResizeShell(frame.session_id, frame.channel_id, frame.cols, frame.rows)]
+
+    def _require_running(self, session_id: str, channel_id: str, what: str) -> None:
+        self._require_channel(session_id, channel_id)
+        if self._channels[channel_id] not in (ChannelType.TERMINAL, ChannelType.SHELL):
+            raise NotImplementedYet(f"{what} is not supported on a {self._channels[channel_id]}")
+
+    def _require_shell(self, session_id: str, channel_id: str, what: str) -> None:
+        self._require_channel(session_id, channel_id)
+        if self._channels[channel_id] is not ChannelType.SHELL:
+            # commands read the null device; other channel types have no runtime yet
+            raise NotImplementedYet(
+                f"{what} is not supported on a {self._channels[channel_id]} channel"
+            )

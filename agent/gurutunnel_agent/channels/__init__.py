@@ -1,31 +1,51 @@
-"""Channel implementations inside a tunnel session (terminal, shell, files): the next issue.
+"""Channel runtimes inside a tunnel session: the I/O half of what the tunnel decides.
 
-The seam: :class:`gurutunnel_agent.tunnel.TunnelManager` owns which channels exist and answers
-``terminal.command`` / ``tunnel.data`` with ``tunnel.error{not_implemented}``. A channel
-implementation will satisfy :class:`Channel`; the client will hand it the frames of its
-``channel_id`` and ``TunnelManager.force_close``/``close_tunnel`` will close it.
+The seam: :class:`gurutunnel_agent.tunnel.TunnelManager` (sans-I/O) owns which channels exist
+and validates every request; it returns actions (``StartCommand``, ``StartShell``,
+``StopChannel``, ``ShellInput``, ``ResizeShell``, ``EndSession``) that
+:class:`gurutunnel_agent.client.AgentClient` carries out with the runtimes here, one task per
+channel, owned by the connection:
+
+- :mod:`.terminal`: one command (``terminal.command``), streamed, capped, killed as a tree.
+- :mod:`.shell`: an interactive PTY (``shell.open``), POSIX only.
+- :mod:`.output`: numbered chunks and the one exit frame of a channel.
+- :mod:`.process`: killing a process tree per OS.
+
+Every runtime satisfies :class:`ChannelRuntime`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from gurutunnel_protocol.messages import AgentToServer, ChannelType, ServerToAgent
+from gurutunnel_protocol.messages import ExitReason
+
+from .output import ChannelOutput
 
 
-class Channel(Protocol):
-    """One channel of a session, fed the frames addressed to its ``channel_id``."""
+class ChannelRuntime(Protocol):
+    """What the client needs from a running channel."""
 
-    channel_id: str
-    channel_type: ChannelType
+    output: ChannelOutput
 
-    async def handle(self, frame: ServerToAgent) -> list[AgentToServer]:
-        """Answer one frame of this channel."""
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self) -> int | None:
+        """Spawn; the pid, or ``None`` if it could not start (``run`` then reports why)."""
         ...
 
-    async def close(self) -> None:
-        """Stop everything the channel started (process trees, open files); idempotent."""
+    async def run(self) -> None:
+        """Supervise until the end; always emits exactly one ``terminal.exit``."""
+        ...
+
+    def request_stop(self, reason: ExitReason) -> None:
+        """Kill the process tree; ``run`` ends with ``reason`` (idempotent, first reason wins)."""
+        ...
+
+    def kill_now(self) -> None:
+        """SIGKILL the tree synchronously (last resort when ``run`` cannot be awaited)."""
         ...
 
 
-__all__ = ["Channel"]
+__all__ = ["ChannelRuntime"]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gurutunnel_agent.client import AgentClient
 from gurutunnel_agent.config import AgentSettings
+from gurutunnel_protocol.messages import TunnelOpen, TunnelReady
 from tests.integration.agent.fake_gateway import GOOD_CREDENTIAL, FakeGateway
+from tests.integration.agent.tunnel_harness import SESSION, Tunnel
 
 FAST: dict[str, Any] = {
     "heartbeat_interval_s": 30.0,  # the fake gateway's welcome asks for 0.1 s
@@ -76,3 +79,19 @@ async def start_agent(
             await agent.stop()
         elif not agent.task.cancelled():
             agent.task.exception()  # retrieved so a failure is not reported as unawaited
+
+
+@pytest.fixture
+def open_tunnel(
+    gateway: FakeGateway, start_agent: Callable[..., RunningAgent], tmp_path: Path
+) -> Callable[..., Awaitable[Tunnel]]:
+    """Start an agent (cwd allowlist: ``tmp_path``, short kill grace) and open session s1."""
+
+    async def open_(**overrides: Any) -> Tunnel:
+        agent = start_agent(**{"cwd_allowlist": [tmp_path], "kill_grace_s": 0.5, **overrides})
+        ws = await gateway.next_connection()
+        await gateway.send(ws, TunnelOpen(req_id="open", session_id=SESSION, tech_id="t1"))
+        await gateway.next_frame(TunnelReady)
+        return Tunnel(gateway, ws, agent, tmp_path)
+
+    return open_

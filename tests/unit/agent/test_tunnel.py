@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gurutunnel_agent.tunnel import (
     ChannelExists,
+    CwdNotAllowed,
+    EndSession,
     NoSuchChannel,
     NoSuchSession,
+    ResizeShell,
+    ShellInput,
+    StartCommand,
+    StartShell,
+    StopChannel,
+    TooManyChannels,
     TunnelBusy,
     TunnelManager,
     TunnelMode,
@@ -20,8 +30,12 @@ from gurutunnel_protocol.messages import (
     ChannelOpened,
     ChannelType,
     ErrorFrame,
+    ExitReason,
     Reconnect,
+    ShellOpen,
+    ShellResize,
     Terminal,
+    TerminalCancel,
     TunnelClose,
     TunnelClosed,
     TunnelData,
@@ -37,9 +51,19 @@ def mode(tunnel: TunnelManager) -> TunnelMode:
     return tunnel.mode
 
 
+ALLOWED = Path("/allowed")
+
+
+def only_allowed(cwd: str | None) -> Path:
+    """A stand-in cwd policy: only /allowed (the real one is tested in test_terminal.py)."""
+    if cwd in (None, str(ALLOWED)):
+        return ALLOWED
+    raise CwdNotAllowed("outside")
+
+
 @pytest.fixture
 def tunnel() -> TunnelManager:
-    return TunnelManager()
+    return TunnelManager(max_channels=3, resolve_cwd=only_allowed, shell_supported=True)
 
 
 @pytest.fixture
@@ -150,10 +174,13 @@ def test_other_refusals_name_no_held_session(open_tunnel: TunnelManager) -> None
     assert answer.held_session_id is None
 
 
-def test_handle_close_answers_closed(open_tunnel: TunnelManager) -> None:
-    """tunnel.close -> tunnel.closed with req_id and reason, back to heartbeat mode."""
+def test_handle_close_ends_channels_then_answers_closed(open_tunnel: TunnelManager) -> None:
+    """tunnel.close -> end the session's channels, then tunnel.closed; back to heartbeat mode."""
     answers = open_tunnel.handle(TunnelClose(req_id="r3", session_id="s1", reason="idle_timeout"))
-    assert answers == [TunnelClosed(req_id="r3", session_id="s1", reason="idle_timeout")]
+    assert answers == [
+        EndSession("s1"),
+        TunnelClosed(req_id="r3", session_id="s1", reason="idle_timeout"),
+    ]
     assert mode(open_tunnel) is TunnelMode.HEARTBEAT
 
 
@@ -178,7 +205,10 @@ def test_handle_channel_open_and_close_answer_opened_and_closed(
         ChannelOpened(req_id="r5", session_id="s1", channel_id="c1", channel_type="terminal")
     ]
     closed = open_tunnel.handle(ChannelClose(req_id="r6", session_id="s1", channel_id="c1"))
-    assert closed == [ChannelClosed(req_id="r6", session_id="s1", channel_id="c1")]
+    assert closed == [
+        StopChannel("s1", "c1", ExitReason.CANCELLED, wait=True),
+        ChannelClosed(req_id="r6", session_id="s1", channel_id="c1"),
+    ]
     assert open_tunnel.channels == {}
 
 
@@ -197,29 +227,51 @@ def test_handle_channel_open_and_close_answer_opened_and_closed(
         (ChannelClose(req_id="r", session_id="other", channel_id="c1"), ErrorCode.NO_SUCH_SESSION),
         (
             Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls"),
-            ErrorCode.NOT_IMPLEMENTED,
+            ErrorCode.CHANNEL_EXISTS,
         ),
         (TunnelData(session_id="s1", channel_id="c1", data=b"x"), ErrorCode.NOT_IMPLEMENTED),
         (
-            Terminal(req_id="r", session_id="s1", channel_id="c9", command="ls"),
-            ErrorCode.NO_SUCH_CHANNEL,
+            Terminal(req_id="r", session_id="other", channel_id="c9", command="ls"),
+            ErrorCode.NO_SUCH_SESSION,
         ),
         (TunnelData(session_id="other", channel_id="c1", data=b"x"), ErrorCode.NO_SUCH_SESSION),
+        (TerminalCancel(session_id="s1", channel_id="c9"), ErrorCode.NO_SUCH_CHANNEL),
+        (
+            ShellResize(session_id="s1", channel_id="c1", cols=80, rows=24),
+            ErrorCode.NOT_IMPLEMENTED,
+        ),
+        (
+            Terminal(req_id="r", session_id="s1", channel_id="c9", command="ls", cwd="/nowhere"),
+            ErrorCode.CWD_NOT_ALLOWED,
+        ),
+        (
+            Terminal(req_id="r", session_id="s1", channel_id="c9", argv=["ls", "a\x00b"]),
+            ErrorCode.INVALID_COMMAND,
+        ),
+        (
+            Terminal(req_id="r", session_id="s1", channel_id="c9", command="   "),
+            ErrorCode.INVALID_COMMAND,
+        ),
     ],
     ids=[
         "duplicate-channel",
         "channel-open-other-session",
         "unknown-channel-close",
         "channel-close-other-session",
-        "terminal-command",
-        "tunnel-data",
-        "terminal-unknown-channel",
+        "terminal-command-on-open-channel",
+        "input-to-a-command",
+        "terminal-other-session",
         "data-other-session",
+        "cancel-unknown-channel",
+        "resize-not-a-shell",
+        "cwd-outside-allowlist",
+        "nul-in-argv",
+        "blank-command",
     ],
 )
 def test_handle_refusals_answer_tunnel_error_with_code(
     open_tunnel: TunnelManager,
-    frame: ChannelOpen | ChannelClose | Terminal | TunnelData,
+    frame: ChannelOpen | ChannelClose | Terminal | TunnelData | TerminalCancel | ShellResize,
     code: ErrorCode,
 ) -> None:
     """Each refused request is answered by exactly one tunnel.error with the documented code."""
@@ -260,3 +312,84 @@ def test_handle_connection_level_frames_answer_nothing(
     """welcome, error and reconnect are the client's business: no answer, no state change."""
     assert open_tunnel.handle(frame) == []
     assert open_tunnel.session_id == "s1"
+
+
+# -- channels that run something ---------------------------------------------------------
+
+
+def test_terminal_command_registers_channel_and_asks_to_start(open_tunnel: TunnelManager) -> None:
+    """terminal.command -> StartCommand with the resolved cwd; the channel is taken."""
+    frame = Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls")
+    assert open_tunnel.handle(frame) == [StartCommand(frame, ALLOWED)]
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
+
+
+def test_refused_command_takes_no_channel(open_tunnel: TunnelManager) -> None:
+    """A command refused for its cwd leaves no channel behind (nothing runs)."""
+    [answer] = open_tunnel.handle(
+        Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls", cwd="/etc")
+    )
+    assert isinstance(answer, TunnelError)
+    assert answer.code is ErrorCode.CWD_NOT_ALLOWED
+    assert open_tunnel.channels == {}
+
+
+def test_channel_limit_answers_too_many_channels(open_tunnel: TunnelManager) -> None:
+    """Past max_channels a new command is too_many_channels; a released id frees a slot."""
+    for n in range(3):
+        open_tunnel.handle(Terminal(session_id="s1", channel_id=f"c{n}", command="true"))
+    [answer] = open_tunnel.handle(
+        Terminal(req_id="r", session_id="s1", channel_id="c3", command="x")
+    )
+    assert isinstance(answer, TunnelError)
+    assert (answer.code, answer.req_id) == (ErrorCode.TOO_MANY_CHANNELS, "r")
+    with pytest.raises(TooManyChannels):
+        open_tunnel.add_channel("c4", ChannelType.FILE)
+    assert open_tunnel.release_channel("s1", "c0") is True
+    assert open_tunnel.release_channel("s1", "c0") is False
+    [start] = open_tunnel.handle(Terminal(session_id="s1", channel_id="c0", command="true"))
+    assert isinstance(start, StartCommand)
+
+
+def test_release_of_a_closed_session_is_a_no_op(open_tunnel: TunnelManager) -> None:
+    """A channel finishing after its session closed does not touch the next session."""
+    open_tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="true"))
+    open_tunnel.close_tunnel("s1")
+    open_tunnel.open_tunnel("s2", "tech1")
+    open_tunnel.add_channel("c1", ChannelType.TERMINAL)
+    assert open_tunnel.release_channel("s1", "c1") is False
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
+
+
+def test_without_a_cwd_policy_every_command_is_refused() -> None:
+    """A TunnelManager built without resolve_cwd refuses commands (safe default)."""
+    tunnel = TunnelManager()
+    tunnel.open_tunnel("s1", "t1")
+    [answer] = tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="ls"))
+    assert isinstance(answer, TunnelError)
+    assert answer.code is ErrorCode.CWD_NOT_ALLOWED
+
+
+def test_shell_frames_become_actions(open_tunnel: TunnelManager) -> None:
+    """shell.open -> StartShell; tunnel.data -> ShellInput; resize; cancel -> StopChannel."""
+    frame = ShellOpen(req_id="r", session_id="s1", channel_id="sh", cols=100, rows=30)
+    assert open_tunnel.handle(frame) == [StartShell(frame, ALLOWED)]
+    assert open_tunnel.handle(TunnelData(session_id="s1", channel_id="sh", data=b"ls\n")) == [
+        ShellInput("s1", "sh", b"ls\n")
+    ]
+    assert open_tunnel.handle(ShellResize(session_id="s1", channel_id="sh", cols=1, rows=2)) == [
+        ResizeShell("s1", "sh", 1, 2)
+    ]
+    assert open_tunnel.handle(TerminalCancel(session_id="s1", channel_id="sh")) == [
+        StopChannel("s1", "sh", ExitReason.CANCELLED, wait=False)
+    ]
+
+
+def test_shell_where_unsupported_answers_not_implemented() -> None:
+    """shell.open on an OS without PTY support -> not_implemented, no channel."""
+    tunnel = TunnelManager(resolve_cwd=only_allowed, shell_supported=False)
+    tunnel.open_tunnel("s1", "t1")
+    [answer] = tunnel.handle(ShellOpen(req_id="r", session_id="s1", channel_id="sh"))
+    assert isinstance(answer, TunnelError)
+    assert answer.code is ErrorCode.NOT_IMPLEMENTED
+    assert tunnel.channels == {}

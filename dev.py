@@ -32,6 +32,7 @@ INPUTS = [
     "services/api/pyproject.toml",
     "services/gateway/pyproject.toml",
     "agent/pyproject.toml",
+    "cli/pyproject.toml",
 ]
 
 

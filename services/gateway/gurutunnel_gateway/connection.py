@@ -53,6 +53,7 @@ from gurutunnel_protocol.envelope import (
 )
 from gurutunnel_protocol.messages import (
     REPLIES_BY_REQUEST,
+    REPLY_TYPES,
     REQUEST_TYPES,
     SESSION_DOWN_TYPES,
     SESSION_UP_TYPES,
@@ -82,12 +83,6 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = logging.getLogger(__name__)
-
-# Agent frames that can answer a request: every reply type of every request (the protocol's
-# REPLIES_BY_REQUEST says which fits which).
-REPLY_TYPES: tuple[type[Frame], ...] = tuple(
-    {t for replies in REPLIES_BY_REQUEST.values() for t in replies}
-)
 
 PING_TIMEOUT_REASON = "keepalive ping timeout"  # websockets' close reason on a missed pong
 

@@ -242,10 +242,16 @@ def test_every_request_has_replies_and_every_reply_can_answer() -> None:
     """REPLIES_BY_REQUEST covers exactly the request types; each reply is in AgentReply."""
     from typing import get_args
 
-    from gurutunnel_protocol.messages import REPLIES_BY_REQUEST, REQUEST_TYPES, AgentReply
+    from gurutunnel_protocol.messages import (
+        REPLIES_BY_REQUEST,
+        REPLY_TYPES,
+        REQUEST_TYPES,
+        AgentReply,
+    )
 
     request_tags = {t.model_fields["type"].default for t in REQUEST_TYPES}
     assert set(REPLIES_BY_REQUEST) == request_tags
     reply_members = set(get_args(get_args(AgentReply)[0]))
+    assert set(REPLY_TYPES) == reply_members
     for replies in REPLIES_BY_REQUEST.values():
         assert set(replies) <= reply_members

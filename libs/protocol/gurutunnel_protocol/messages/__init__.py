@@ -104,6 +104,16 @@ AgentToServer = Annotated[
     Field(discriminator="type"),
 ]
 
+REPLY_TYPES = (
+    TunnelReady,
+    TunnelClosed,
+    TunnelError,
+    ChannelOpened,
+    ChannelClosed,
+    TerminalStarted,
+)
+"""Agent frames that answer a request (the ``AgentReply`` union)."""
+
 REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
     "tunnel.open": (TunnelReady, TunnelError),
     "tunnel.close": (TunnelClosed, TunnelError),
@@ -114,7 +124,7 @@ REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
 }
 """For each request (by ``type``), the agent frames that answer it (echoing its ``req_id``)."""
 
-REQUEST_TYPES: tuple[type[Frame], ...] = (
+REQUEST_TYPES = (
     TunnelOpen,
     TunnelClose,
     ChannelOpen,
@@ -124,7 +134,7 @@ REQUEST_TYPES: tuple[type[Frame], ...] = (
 )
 """Requests: sent on ``agent.<id>.cmd`` with a ``req_id`` and answered exactly once."""
 
-SESSION_DOWN_TYPES: tuple[type[Frame], ...] = (
+SESSION_DOWN_TYPES = (
     TunnelData,
     TerminalCancel,
     ShellResize,
@@ -132,7 +142,7 @@ SESSION_DOWN_TYPES: tuple[type[Frame], ...] = (
 )
 """Technician input the API publishes on ``session.<id>.down`` (no answer)."""
 
-SESSION_UP_TYPES: tuple[type[Frame], ...] = (
+SESSION_UP_TYPES = (
     TunnelData,
     TunnelError,
     TunnelClosed,
@@ -146,6 +156,7 @@ SESSION_UP_TYPES: tuple[type[Frame], ...] = (
 __all__ = [
     "PROTOCOL_VERSION",
     "REPLIES_BY_REQUEST",
+    "REPLY_TYPES",
     "REQUEST_TYPES",
     "SESSION_DOWN_TYPES",
     "SESSION_UP_TYPES",

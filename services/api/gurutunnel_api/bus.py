@@ -16,12 +16,25 @@ Contract:
   (used for ``tunnel.close``: the database state never depends on the agent).
 - ``publish_revocation`` writes ``agent_id -> ISO-8601 not_before`` into the KV bucket
   ``Subjects.revocation_bucket`` (created when missing).
+- Every ``BusError`` carries ``.code`` (an ``ErrorCode``): the one key of the failure table in
+  :mod:`.errors`.
+- ``start()`` raises only ``BusUnavailable`` (connect, stream, consumer and subscriptions).
 - Consumers: presence events come from the durable pull consumer ``Subjects.presence_consumer``
   on the stream ``Subjects.presence_stream`` (created idempotently with the parameters of
-  ``subjects.py``); a message is acked only after its handler committed, nak'ed (redelivered
-  after ``presence_nak_delay_s``) when the handler failed, and terminated when it cannot be
-  decoded. Agent events and gateway heartbeats arrive through core NATS subscriptions in the
-  queue group ``Subjects.api_queue``; a failing handler is logged and never stops a subscription.
+  ``subjects.py``); the handler gets the event and its JetStream stream sequence (the order in
+  which the stream received it; no NATS type leaves this module). A message is acked only after
+  its handler committed, nak'ed (redelivered after ``presence_nak_delay_s``) when the handler
+  failed, and terminated when it cannot be decoded. Agent events and gateway heartbeats arrive
+  through core NATS subscriptions in the queue group ``Subjects.api_queue``; a failing handler is
+  logged and never stops a subscription.
+- Presence consumer health: an idle pull subscription on a deleted consumer or stream only times
+  out, so the loop asks for the consumer's info every ``presence_check_interval_s`` while idle.
+  "Not found" or ``presence_max_fetch_errors`` consecutive fetch errors mark the consumer down
+  (``presence_healthy`` is False, ``/readyz`` answers 503) and the loop recreates stream, durable
+  consumer and pull subscription, each attempt bounded by ``request_timeout_s``, retrying with
+  exponential backoff from ``presence_resubscribe_backoff_s`` up to
+  ``presence_resubscribe_backoff_max_s`` until it succeeds or the bus closes. A recreated
+  consumer delivers the stream again from its start; the handlers are idempotent.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,19 +103,27 @@ _STREAM_EXISTS_DIFFERENT = 10058
 
 
 class BusError(Exception):
-    """Base of every error the bus raises."""
+    """Base of every error the bus raises; ``code`` keys the failure table of :mod:`.errors`."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
 
 class AgentOffline(BusError):
-    """No gateway holds the agent."""
+    """No gateway holds the agent (the command was not delivered)."""
+
+    code = ErrorCode.AGENT_OFFLINE
 
 
 class AgentTimeout(BusError):
     """The agent did not answer in time."""
 
+    code = ErrorCode.AGENT_TIMEOUT
+
 
 class BusUnavailable(BusError):
     """NATS (or JetStream) cannot be reached."""
+
+    code = ErrorCode.BUS_UNAVAILABLE
 
 
 class AgentRefused(BusError):
@@ -117,7 +139,8 @@ class AgentRefused(BusError):
 class BusHandlers:
     """What the API does with each kind of inbound event (all must be idempotent)."""
 
-    on_presence: Callable[[PresenceEvent], Awaitable[None]]
+    on_presence: Callable[[PresenceEvent, int], Awaitable[None]]
+    """Called with the event and its JetStream stream sequence."""
     on_agent_heartbeat: Callable[[AgentHeartbeat], Awaitable[None]]
     on_gateway_heartbeat: Callable[[GatewayHeartbeat], Awaitable[None]]
 
@@ -150,6 +173,7 @@ class NatsBus:
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
+        self._presence_healthy = False
         self._closing = False
 
     # lifecycle
@@ -177,28 +201,46 @@ class NatsBus:
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise BusUnavailable(f"cannot connect to NATS: {type(exc).__name__}") from exc
         self._js = self._nc.jetstream(timeout=s.request_timeout_s)
-        await self._ensure_presence_stream()
-        psub = await self._js.pull_subscribe(
-            self.subjects.all_presence(),
-            durable=self.subjects.presence_consumer,
-            stream=self.subjects.presence_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=s.presence_ack_wait_s,
-                max_deliver=-1,
-            ),
-        )
-        await self._nc.subscribe(
-            self.subjects.all_agent_events(), queue=self.subjects.api_queue, cb=self._on_agent_event
-        )
-        await self._nc.subscribe(
-            self.subjects.gateway_heartbeat(),
-            queue=self.subjects.api_queue,
-            cb=self._on_gateway_heartbeat,
-        )
+        psub = await self._subscribe_presence()
+        try:
+            await self._nc.subscribe(
+                self.subjects.all_agent_events(),
+                queue=self.subjects.api_queue,
+                cb=self._on_agent_event,
+            )
+            await self._nc.subscribe(
+                self.subjects.gateway_heartbeat(),
+                queue=self.subjects.api_queue,
+                cb=self._on_gateway_heartbeat,
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"cannot subscribe: {type(exc).__name__}") from exc
         self._psub = psub
-        self._consumer = asyncio.create_task(self._consume_presence(psub), name="presence")
+        self._presence_healthy = True
+        self._consumer = asyncio.create_task(self._consume_presence(), name="presence")
+
+    async def _subscribe_presence(self) -> JetStreamContext.PullSubscription:
+        """Make sure stream and durable consumer exist and bind a pull subscription to them."""
+        assert self._js is not None
+        s = self._settings
+        await self._ensure_presence_stream()
+        try:
+            return await asyncio.wait_for(
+                self._js.pull_subscribe(
+                    self.subjects.all_presence(),
+                    durable=self.subjects.presence_consumer,
+                    stream=self.subjects.presence_stream,
+                    config=ConsumerConfig(
+                        ack_policy=AckPolicy.EXPLICIT,
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_wait=s.presence_ack_wait_s,
+                        max_deliver=-1,
+                    ),
+                ),
+                s.request_timeout_s,
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"presence consumer unavailable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         """Stop the consumers, cancel best-effort sends and drain the connection (bounded)."""
@@ -223,6 +265,11 @@ class NatsBus:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def presence_healthy(self) -> bool:
+        """False while the presence consumer is known to be gone and being recreated."""
+        return self._presence_healthy
 
     # requests
 
@@ -296,29 +343,81 @@ class NatsBus:
             duplicate_window=PRESENCE_STREAM_DUPLICATE_WINDOW_S,
         )
         try:
-            await self._js.add_stream(config)
+            await asyncio.wait_for(self._js.add_stream(config), self._settings.request_timeout_s)
         except nats.js.errors.BadRequestError as exc:
             # another part created it with other (compatible) settings: use it as it is
             if exc.err_code != _STREAM_EXISTS_DIFFERENT:
-                raise
+                raise BusUnavailable(f"presence stream refused: {exc.description}") from exc
         except (TimeoutError, nats.errors.Error) as exc:
             raise BusUnavailable(f"presence stream unavailable: {type(exc).__name__}") from exc
 
-    async def _consume_presence(self, psub: JetStreamContext.PullSubscription) -> None:
+    async def _consume_presence(self) -> None:
         s = self._settings
+        errors = 0
+        last_check = time.monotonic()
         while True:
+            psub = self._psub
+            if psub is None or not self._presence_healthy:
+                await self._recreate_presence_consumer()
+                errors, last_check = 0, time.monotonic()
+                continue
             try:
                 msgs = await psub.fetch(s.presence_fetch_batch, timeout=s.presence_fetch_timeout_s)
             except TimeoutError:
-                # nothing to fetch (nats-py raises its own or asyncio's TimeoutError)
+                # nothing to fetch (nats-py raises its own or asyncio's TimeoutError); a deleted
+                # consumer looks the same, so look at it now and then
+                if time.monotonic() - last_check >= s.presence_check_interval_s:
+                    last_check = time.monotonic()
+                    if await self._presence_consumer_gone(psub):
+                        self._mark_presence_down("presence consumer or stream not found")
                 continue
             except Exception as exc:
                 # disconnected, reconnecting, consumer gone...: the loop must never die
+                errors += 1
                 log.warning("presence fetch failed", extra={"error": type(exc).__name__})
+                if errors >= s.presence_max_fetch_errors:
+                    self._mark_presence_down(f"{errors} consecutive fetch errors")
+                    continue
                 await asyncio.sleep(s.presence_nak_delay_s or 0.1)
                 continue
+            errors = 0
             for msg in msgs:
                 await self._handle_presence(msg)
+
+    async def _presence_consumer_gone(self, psub: JetStreamContext.PullSubscription) -> bool:
+        try:
+            await asyncio.wait_for(psub.consumer_info(), self._settings.request_timeout_s)
+        except nats.js.errors.NotFoundError:
+            return True
+        except (TimeoutError, nats.errors.Error) as exc:
+            # NATS itself is unwell: readiness reports that through ``connected``
+            log.info("presence consumer check failed", extra={"error": type(exc).__name__})
+        return False
+
+    def _mark_presence_down(self, why: str) -> None:
+        log.warning("presence consumer down; recreating it", extra={"error": why})
+        self._presence_healthy = False
+
+    async def _recreate_presence_consumer(self) -> None:
+        """Recreate stream, durable consumer and pull subscription; back off between failed
+        attempts (each bounded by ``request_timeout_s``) until it works or the task ends."""
+        s = self._settings
+        delay = s.presence_resubscribe_backoff_s
+        while True:
+            old, self._psub = self._psub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.unsubscribe(), s.request_timeout_s)
+            try:
+                self._psub = await self._subscribe_presence()
+            except BusUnavailable as exc:
+                log.warning("presence consumer not recreated; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, s.presence_resubscribe_backoff_max_s)
+                continue
+            self._presence_healthy = True
+            log.info("presence consumer recreated")
+            return
 
     async def _handle_presence(self, msg: Msg) -> None:
         try:
@@ -331,7 +430,13 @@ class NatsBus:
                 await msg.term()
             return
         try:
-            await self._handlers.on_presence(event)
+            sequence = msg.metadata.sequence.stream
+        except Exception:
+            # not a JetStream message: nothing to order it by, so it cannot be handled
+            log.warning("presence message without stream metadata refused")
+            return
+        try:
+            await self._handlers.on_presence(event, sequence)
         except Exception:
             log.exception(
                 "presence handler failed; redelivering",

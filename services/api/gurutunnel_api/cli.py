@@ -54,6 +54,8 @@ def serve(
     """Run the API with uvicorn (host and port from GT_API_HOST / GT_API_PORT)."""
     import uvicorn
 
+    from .logs import uvicorn_log_config
+
     settings = _settings()
     _ensure_sqlite_dir(settings)
     if migrate:
@@ -65,6 +67,8 @@ def serve(
         port=settings.port,
         # tokens travel in headers only, but keep request lines out of the log anyway
         access_log=False,
+        # root, uvicorn and uvicorn.error all write JSON through gurutunnel_api.logs
+        log_config=uvicorn_log_config(settings.log_level),
     )
 
 
@@ -89,6 +93,7 @@ def create_admin(
     from .auth.models import Role
     from .auth.service import upsert_technician
     from .db import make_engine, make_sessionmaker
+    from .security import PasswordHashing
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -106,7 +111,13 @@ def create_admin(
         engine = make_engine(settings)
         try:
             async with make_sessionmaker(engine)() as db:
-                await upsert_technician(db, username=username, password=password, role=Role.ADMIN)
+                await upsert_technician(
+                    db,
+                    passwords=PasswordHashing(settings.password_hash_concurrency),
+                    username=username,
+                    password=password,
+                    role=Role.ADMIN,
+                )
         finally:
             await engine.dispose()
 

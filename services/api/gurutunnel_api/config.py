@@ -46,6 +46,12 @@ class ApiSettings(BaseSettings):
     presence_fetch_timeout_s: float = Field(default=1.0, gt=0)
     presence_ack_wait_s: float = Field(default=30.0, gt=0)
     presence_nak_delay_s: float = Field(default=1.0, ge=0)
+    presence_check_interval_s: float = Field(default=5.0, gt=0)
+    """While idle, how often the presence consumer is checked for existence."""
+    presence_max_fetch_errors: int = Field(default=5, ge=1)
+    """Consecutive fetch errors after which the presence consumer is recreated."""
+    presence_resubscribe_backoff_s: float = Field(default=0.2, gt=0)
+    presence_resubscribe_backoff_max_s: float = Field(default=5.0, gt=0)
 
     # tokens
     jwt_secret: SecretStr
@@ -53,10 +59,19 @@ class ApiSettings(BaseSettings):
     agent_signing_key_file: Path | None = None
     """Ed25519 private key (PKCS#8 PEM) signing agent credentials (``gurutunnel-api keygen``)."""
     agent_credential_ttl_s: int = Field(default=365 * DAY_S, gt=0)
+    password_hash_concurrency: int = Field(default=2, ge=1)
+    """argon2 hashes/verifications running at once (each in a worker thread, ~150 ms)."""
+
+    # logs
+    log_level: str = "INFO"
 
     # sessions
     open_timeout_s: float = Field(default=10.0, gt=0)
     close_timeout_s: float = Field(default=5.0, gt=0)
+    pending_sweep_interval_s: float = Field(default=5.0, gt=0)
+    """How often the sweeper fails ``pending`` sessions older than open + close timeouts."""
+    pending_sweep_batch: int = Field(default=100, ge=1)
+    """At most this many agents' stale sessions are failed per sweep."""
 
     @field_validator("jwt_secret")
     @classmethod

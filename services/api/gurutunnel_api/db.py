@@ -1,7 +1,9 @@
 """Database engine, session factory and the column types every table shares.
 
 Contract:
-- ``make_engine(settings)`` builds the one async engine of the process. PostgreSQL (asyncpg) gets
+- ``make_engine(settings)`` builds the one async engine of the process, with
+  ``hide_parameters=True`` (a logged or raised database error never carries bound parameters
+  such as password hashes). PostgreSQL (asyncpg) gets
   a bounded connect/command timeout and pre-ping; SQLite (aiosqlite) gets WAL, a busy timeout,
   ``foreign_keys=ON`` and ``BEGIN IMMEDIATE`` for every transaction, so concurrent writers queue
   on the lock instead of failing with "database is locked" at upgrade time.
@@ -79,6 +81,7 @@ def make_engine(settings: ApiSettings) -> AsyncEngine:
             url,
             connect_args={"timeout": settings.sqlite_busy_timeout_s},
             pool_timeout=settings.request_timeout_s,
+            hide_parameters=True,
         )
         _configure_sqlite(engine, busy_timeout_s=settings.sqlite_busy_timeout_s)
         return engine
@@ -94,6 +97,7 @@ def make_engine(settings: ApiSettings) -> AsyncEngine:
         pool_pre_ping=True,
         pool_size=settings.db_pool_size,
         pool_timeout=settings.request_timeout_s,
+        hide_parameters=True,
     )
 
 

@@ -8,6 +8,7 @@ guard; a missing or bad token is 401 ``unauthorized``, a role too weak 403 ``for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
@@ -22,7 +23,9 @@ from .auth.models import Role, Technician
 from .bus import Bus
 from .config import ApiSettings
 from .errors import Forbidden, ServiceUnavailable, Unauthorized
-from .security import InvalidToken, decode_tech_token
+from .security import InvalidToken, PasswordHashing, decode_tech_token
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="technician JWT")
 
@@ -42,6 +45,11 @@ def get_bus(request: Request) -> Bus:
     return bus
 
 
+def get_passwords(request: Request) -> PasswordHashing:
+    passwords: PasswordHashing = request.app.state.passwords
+    return passwords
+
+
 def get_agent_signing_key(request: Request) -> Ed25519PrivateKey:
     key: Ed25519PrivateKey | None = request.app.state.agent_signing_key
     if key is None:
@@ -54,6 +62,7 @@ def get_agent_signing_key(request: Request) -> Ed25519PrivateKey:
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_db)]
 BusDep = Annotated[Bus, Depends(get_bus)]
+PasswordsDep = Annotated[PasswordHashing, Depends(get_passwords)]
 SigningKeyDep = Annotated[Ed25519PrivateKey, Depends(get_agent_signing_key)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="a subject-safe id")]
 
@@ -69,11 +78,14 @@ async def get_current_user(
         claims = decode_tech_token(
             credentials.credentials, secret=settings.jwt_secret.get_secret_value()
         )
-    except InvalidToken:
+    except InvalidToken as exc:
+        # the reason is the exception class (safe); never the token
+        log.info("technician token refused", extra={"error": str(exc)})
         raise Unauthorized("invalid or expired token") from None
     async with db.begin():
         tech = await db.get(Technician, claims.sub)
     if tech is None or tech.disabled:
+        log.info("technician token refused: unknown or disabled account")
         raise Unauthorized("invalid or expired token")
     return tech
 

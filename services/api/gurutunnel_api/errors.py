@@ -11,6 +11,7 @@ answer 503 ``database_unavailable``; anything unexpected is logged with its trac
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gurutunnel_protocol import ErrorCode
 
-from .bus import AgentOffline, AgentRefused, AgentTimeout, BusError, BusUnavailable
+from .bus import BusError
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +94,65 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What one agent/bus error code means: the session close reason and the HTTP answer."""
+
+    reason: str
+    status: int
+    code: ErrorCode
+    message: str
+
+    def error(self) -> ApiError:
+        return _BY_STATUS[self.status](self.message, code=self.code)
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    409: Conflict,
+    502: AgentFailed,
+    503: ServiceUnavailable,
+    504: GatewayTimeout,
+}
+_AGENT_ERROR = Failure("agent_error", 502, ErrorCode.AGENT_ERROR, "agent refused the command")
+
+# the one table from an agent/bus error code to (session close reason, API error)
+FAILURES: dict[ErrorCode, Failure] = {
+    ErrorCode.AGENT_OFFLINE: Failure(
+        "agent_offline", 409, ErrorCode.AGENT_OFFLINE, "agent is offline"
+    ),
+    ErrorCode.AGENT_TIMEOUT: Failure(
+        "open_timeout", 504, ErrorCode.AGENT_TIMEOUT, "agent did not answer in time"
+    ),
+    ErrorCode.BUS_UNAVAILABLE: Failure(
+        "bus_unavailable", 503, ErrorCode.BUS_UNAVAILABLE, "message bus unavailable"
+    ),
+    ErrorCode.TUNNEL_BUSY: Failure(
+        "agent_busy", 409, ErrorCode.AGENT_BUSY, "agent is busy with another session"
+    ),
+}
+
+
+def failure_for(code: ErrorCode) -> Failure:
+    """The table entry of ``code``; any other code is a 502 ``agent_error`` naming it."""
+    known = FAILURES.get(code)
+    if known is not None:
+        return known
+    return Failure(
+        _AGENT_ERROR.reason,
+        _AGENT_ERROR.status,
+        _AGENT_ERROR.code,
+        f"{_AGENT_ERROR.message} ({code.value})",
+    )
+
+
 def bus_error_to_api(exc: BusError) -> ApiError:
     """Map a bus failure to its HTTP answer (used by the handler and by the services)."""
-    if isinstance(exc, AgentOffline):
-        return Conflict("agent is offline", code=ErrorCode.AGENT_OFFLINE)
-    if isinstance(exc, AgentTimeout):
-        return GatewayTimeout("agent did not answer in time")
-    if isinstance(exc, BusUnavailable):
-        return ServiceUnavailable("message bus unavailable", code=ErrorCode.BUS_UNAVAILABLE)
-    if isinstance(exc, AgentRefused):
-        if exc.code == ErrorCode.TUNNEL_BUSY:
-            return Conflict("agent is busy with another session", code=ErrorCode.AGENT_BUSY)
-        if exc.code == ErrorCode.AGENT_OFFLINE:
-            return Conflict("agent is offline", code=ErrorCode.AGENT_OFFLINE)
-        if exc.code == ErrorCode.AGENT_TIMEOUT:
-            return GatewayTimeout("agent did not answer in time")
-        return AgentFailed(f"agent refused the command ({exc.code.value})")
-    return ApiError("unexpected bus error")
+    return failure_for(exc.code).error()
+
+
+def session_exists() -> Conflict:
+    """The 409 for a second open while the agent has a pending or active session."""
+    return Conflict("agent already has an open session", code=ErrorCode.SESSION_EXISTS)
 
 
 def is_database_unavailable(exc: BaseException) -> bool:

@@ -2,7 +2,11 @@
 
 Startup: build the engine, load the agent signing key (when configured; an unreadable key fails
 startup), connect the bus and start its consumers (a NATS that cannot be reached fails startup
-with ``BusUnavailable``). Shutdown: stop the bus (bounded drain), dispose the engine.
+with ``BusUnavailable``), start the stale-pending sweeper. Shutdown: cancel the sweeper, stop
+the bus (bounded drain), dispose the engine. ``/readyz`` answers 503 ``bus_unavailable`` while
+NATS is disconnected or the durable presence consumer is down (close path 1 would be dead).
+When the root logger has no handler yet, ``create_app`` installs the JSON log handler
+(``serve`` installs it through uvicorn's log config, for uvicorn's loggers too).
 Schema migrations are not run here: ``gurutunnel-api serve --migrate`` (default) or
 ``gurutunnel-api migrate`` does that.
 """
@@ -29,9 +33,11 @@ from .bus import BusHandlers, NatsBus
 from .config import ApiSettings
 from .db import make_engine, make_sessionmaker, ping
 from .errors import error_response, install_error_handlers
-from .security import load_agent_signing_key
+from .logs import configure_logging
+from .security import PasswordHashing, load_agent_signing_key
 from .sessions.events import handle_presence
 from .sessions.router import router as sessions_router
+from .sessions.sweeper import run_sweeper
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +73,22 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         app.state.bus = bus
         app.state.agent_signing_key = key
+        sweeper = asyncio.create_task(
+            run_sweeper(sessionmaker, bus=bus, settings=settings), name="pending-sweeper"
+        )
         try:
             yield
         finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
             await bus.close()
             await engine.dispose()
 
+    if not logging.getLogger().handlers:
+        configure_logging(settings.log_level)
     app = FastAPI(title="gurutunnel API", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.passwords = PasswordHashing(settings.password_hash_concurrency)
     install_error_handlers(app)
     app.include_router(auth_router)
     app.include_router(users_router)
@@ -95,8 +109,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         except Exception as exc:
             log.warning("readiness: database unavailable", extra={"error": type(exc).__name__})
             return error_response(503, ErrorCode.DATABASE_UNAVAILABLE, "database unavailable")
-        if not request.app.state.bus.connected:
+        bus: NatsBus = request.app.state.bus
+        if not bus.connected:
             return error_response(503, ErrorCode.BUS_UNAVAILABLE, "message bus unavailable")
+        if not bus.presence_healthy:
+            return error_response(
+                503, ErrorCode.BUS_UNAVAILABLE, "presence consumer unavailable (being recreated)"
+            )
         return {"status": "ready"}
 
     return app

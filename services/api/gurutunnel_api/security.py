@@ -3,6 +3,10 @@
 Contract:
 - ``hash_password`` / ``verify_password``: argon2id (argon2-cffi defaults). ``verify_password``
   never raises; ``dummy_verify`` spends the same time for an unknown user.
+- ``PasswordHashing(concurrency)``: the same three as coroutines for request handlers; each runs
+  in a worker thread (argon2 costs ~150 ms on purpose and must not stall the event loop) behind a
+  semaphore of ``concurrency`` (``GT_API_PASSWORD_HASH_CONCURRENCY``), so a login flood queues
+  instead of exhausting the thread pool.
 - Technician token: HS256 with ``jwt_secret``; claims ``sub, role, typ="tech", iss, aud, iat, exp,
   jti``. ``decode_tech_token`` pins ``HS256``, requires ``exp, iat, iss, aud, sub``, checks
   ``typ`` and ``role`` and raises :class:`InvalidToken` for anything else (expired, tampered,
@@ -14,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -60,6 +65,25 @@ def verify_password(password_hash: str, password: str) -> bool:
 def dummy_verify(password: str) -> None:
     """Spend one verification's time so an unknown user answers like a wrong password."""
     verify_password(_DUMMY_HASH, password)
+
+
+class PasswordHashing:
+    """argon2 off the event loop, at most ``concurrency`` at once (one per application)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def hash(self, password: str) -> str:
+        async with self._slots:
+            return await asyncio.to_thread(hash_password, password)
+
+    async def verify(self, password_hash: str, password: str) -> bool:
+        async with self._slots:
+            return await asyncio.to_thread(verify_password, password_hash, password)
+
+    async def dummy_verify(self, password: str) -> None:
+        """Verify against a dummy hash: an unknown user costs what a wrong password costs."""
+        await self.verify(_DUMMY_HASH, password)
 
 
 @dataclass(frozen=True, slots=True)

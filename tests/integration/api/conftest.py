@@ -220,6 +220,10 @@ class FakeGateway:
     boot_id: str = field(default_factory=new_id)
     conn_id: str = field(default_factory=new_id)
     received: list[Any] = field(default_factory=list)
+    held_session_id: str | None = None
+    """With mode "busy": the session the agent says it holds."""
+    before_ready: Callable[[], Awaitable[None]] | None = None
+    """Awaited before a ready answer (to change the world while the open waits)."""
     _sub: Any = None
 
     async def start(self) -> FakeGateway:
@@ -248,10 +252,13 @@ class FakeGateway:
                     session_id=frame.session_id,
                     code=ErrorCode.TUNNEL_BUSY,
                     error="already in a session",
+                    held_session_id=self.held_session_id,
                 )
             elif self.mode == "error":
                 answer = TunnelClosed(req_id=frame.req_id, session_id=frame.session_id)
             else:
+                if self.before_ready is not None:
+                    await self.before_ready()
                 answer = TunnelReady(req_id=frame.req_id, session_id=frame.session_id)
         elif isinstance(frame, TunnelClose):
             answer = TunnelClosed(

@@ -94,7 +94,9 @@ async def test_disconnect_of_older_conn_closes_nothing_newer(
 async def test_connected_on_new_conn_closes_sessions_of_older_conn(
     api: Api, users: Users, agent: EnrolledAgent, gateway: FakeGateway, presence: Presence
 ) -> None:
-    """connected(new conn) closes sessions activated before it on another connection."""
+    """connected(new conn) closes the sessions bound to a connection whose connected event came
+    earlier in the stream."""
+    await presence.send(gateway.connected())
     opened = await open_session(api, users, agent)
     gateway.conn_id = new_id()
     await presence.send(gateway.connected())

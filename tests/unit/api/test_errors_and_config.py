@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from gurutunnel_api.bus import AgentOffline, AgentRefused, AgentTimeout, BusUnavailable
 from gurutunnel_api.config import ApiSettings
-from gurutunnel_api.errors import bus_error_to_api
+from gurutunnel_api.errors import bus_error_to_api, failure_for
 from gurutunnel_protocol import ErrorCode
 
 
@@ -48,3 +48,24 @@ def test_settings_read_the_gt_api_environment(monkeypatch: pytest.MonkeyPatch) -
     assert settings.subject_prefix == "gt"
     assert settings.jwt_ttl_s == 900
     assert settings.agent_credential_ttl_s == 365 * 24 * 3600
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_bus_errors_and_agent_tunnel_errors_share_one_failure_table(code: ErrorCode) -> None:
+    """A code means the same close reason and HTTP answer whether a bus error or a
+    tunnel.error carries it."""
+    failure = failure_for(code)
+    via_bus = bus_error_to_api(AgentRefused(code, "x"))
+    via_table = failure.error()
+    assert (via_bus.status, via_bus.code, via_bus.message) == (
+        via_table.status,
+        via_table.code,
+        via_table.message,
+    )
+    assert failure.reason in {
+        "agent_offline",
+        "open_timeout",
+        "bus_unavailable",
+        "agent_busy",
+        "agent_error",
+    }

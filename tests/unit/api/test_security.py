@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from datetime import timedelta
 
 import jwt
@@ -12,6 +15,7 @@ from gurutunnel_api.auth.models import Role
 from gurutunnel_api.db import utcnow
 from gurutunnel_api.security import (
     InvalidToken,
+    PasswordHashing,
     decode_tech_token,
     hash_password,
     mint_agent_credential,
@@ -21,6 +25,12 @@ from gurutunnel_api.security import (
 )
 
 SECRET = "s" * 64
+PASSWORD = "pw-threaded"
+
+
+@functools.cache
+def _stored() -> str:
+    return hash_password(PASSWORD)
 
 
 def test_password_hash_verifies_only_the_right_password() -> None:
@@ -111,3 +121,44 @@ def test_agent_credential_verifies_with_the_public_key_only() -> None:
     tech = mint_tech_token(secret=SECRET, tech_id="t", role=Role.ADMIN, ttl_s=60)
     with pytest.raises(InvalidToken):
         verify_agent_credential(tech, public_key=key.public_key())
+
+
+async def test_password_checks_do_not_stall_the_event_loop() -> None:
+    """Two argon2 verifications run in worker threads: the loop keeps ticking meanwhile."""
+    passwords = PasswordHashing(2)
+    stored = _stored()
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    started = time.monotonic()
+    results = await asyncio.gather(
+        passwords.verify(stored, PASSWORD), passwords.verify(stored, "wrong")
+    )
+    elapsed = time.monotonic() - started
+    stop.set()
+    await tick
+    assert list(results) == [True, False]
+    # one verification costs far more than a tick; on the loop it would show up as a gap
+    assert elapsed > 0.05, elapsed
+    assert max(gaps) < elapsed / 2, (max(gaps), elapsed)
+
+
+async def test_password_hashing_concurrency_is_bounded_by_the_setting() -> None:
+    """With concurrency 1, two verifications run one after the other."""
+    stored = _stored()
+    serial = PasswordHashing(1)
+    one = time.monotonic()
+    await serial.verify(stored, PASSWORD)
+    single = time.monotonic() - one
+    started = time.monotonic()
+    await asyncio.gather(serial.verify(stored, PASSWORD), serial.verify(stored, PASSWORD))
+    assert time.monotonic() - started > 1.6 * single

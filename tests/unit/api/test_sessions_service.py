@@ -13,7 +13,7 @@ from sqlmodel import select
 from gurutunnel_api.agents.models import Agent
 from gurutunnel_api.audit.models import TunnelAudit
 from gurutunnel_api.auth.models import Role, Technician
-from gurutunnel_api.bus import Bus, BusError, BusUnavailable, CommandFrame
+from gurutunnel_api.bus import AgentOffline, Bus, BusError, BusUnavailable, CommandFrame
 from gurutunnel_api.config import ApiSettings
 from gurutunnel_api.db import make_engine, make_sessionmaker, utcnow
 from gurutunnel_api.errors import ApiError
@@ -158,3 +158,37 @@ async def test_abandoned_pending_session_is_reaped_by_the_next_open(world: World
             await db.scalars(select(TunnelAudit).where(TunnelAudit.session_id == stale.id))
         )
     assert [(a.action, a.actor) for a in audit] == [("session.failed", "system")]
+
+
+async def test_bus_unavailable_after_the_request_sends_a_tunnel_close(world: World) -> None:
+    """The tunnel.open may have gone out before the bus failed: the agent is told to close."""
+    bus = FakeBus(error=BusUnavailable("lost mid-request"))
+    async with world.sessions() as db:
+        with pytest.raises(ApiError):
+            await open_session(
+                db,
+                bus=_as_bus(bus),
+                settings=world.settings,
+                agent_id=world.agent_id,
+                tech=world.tech,
+            )
+    (row,) = await _rows(world)
+    assert [(type(f), getattr(f, "session_id", None)) for f in bus.best_effort] == [
+        (TunnelClose, row.id)
+    ]
+
+
+async def test_no_responders_sends_no_tunnel_close(world: World) -> None:
+    """NATS no responders means nothing was delivered: 409 agent_offline and no close."""
+    bus = FakeBus(error=AgentOffline(world.agent_id))
+    async with world.sessions() as db:
+        with pytest.raises(ApiError) as caught:
+            await open_session(
+                db,
+                bus=_as_bus(bus),
+                settings=world.settings,
+                agent_id=world.agent_id,
+                tech=world.tech,
+            )
+    assert (caught.value.status, caught.value.code) == (409, ErrorCode.AGENT_OFFLINE)
+    assert bus.best_effort == []

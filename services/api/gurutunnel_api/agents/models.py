@@ -37,6 +37,9 @@ class AgentConnection(SQLModel, table=True):
     gateway_id: str = Field(max_length=64)
     boot_id: str = Field(max_length=64)
     connected_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    connected_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    """JetStream stream sequence of this connection's ``connected`` event: the order of
+    connections (one clock, the stream's), None until that event is handled."""
     disconnected_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 

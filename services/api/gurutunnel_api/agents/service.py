@@ -7,6 +7,8 @@ database change), then ``revoked_at`` and the close of the agent's open session 
 
 from __future__ import annotations
 
+import logging
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,6 +28,8 @@ from ..security import mint_agent_credential
 from ..sessions.service import close_open_sessions, lock_agent
 from .models import Agent
 
+log = logging.getLogger(__name__)
+
 
 async def enroll_agent(
     db: AsyncSession,
@@ -42,6 +46,8 @@ async def enroll_agent(
     credential = mint_agent_credential(
         key=key, agent_id=agent.id, ttl_s=settings.agent_credential_ttl_s
     )
+    # the credential is returned once and never logged
+    log.info("agent enrolled", extra={"agent_id": agent.id})
     return agent, credential
 
 

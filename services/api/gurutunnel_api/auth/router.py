@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from ..deps import AdminUser, SessionDep, SettingsDep
+from ..deps import AdminUser, PasswordsDep, SessionDep, SettingsDep
 from ..schemas import error_responses
 from . import service
 from .schemas import TechnicianCreate, TechnicianPublic, TokenPublic, TokenRequest
@@ -15,9 +15,11 @@ users_router = APIRouter(prefix="/api/v1/users", tags=["auth"])
 
 
 @router.post("/token", response_model=TokenPublic, responses=error_responses(401))
-async def issue_token(body: TokenRequest, db: SessionDep, settings: SettingsDep) -> TokenPublic:
+async def issue_token(
+    body: TokenRequest, db: SessionDep, settings: SettingsDep, passwords: PasswordsDep
+) -> TokenPublic:
     return await service.issue_token(
-        db, settings=settings, username=body.username, password=body.password
+        db, settings=settings, passwords=passwords, username=body.username, password=body.password
     )
 
 
@@ -28,9 +30,9 @@ async def issue_token(body: TokenRequest, db: SessionDep, settings: SettingsDep)
     responses=error_responses(401, 403, 409),
 )
 async def create_technician(
-    body: TechnicianCreate, db: SessionDep, _: AdminUser
+    body: TechnicianCreate, db: SessionDep, passwords: PasswordsDep, _: AdminUser
 ) -> TechnicianPublic:
     tech = await service.create_technician(
-        db, username=body.username, password=body.password, role=body.role
+        db, passwords=passwords, username=body.username, password=body.password, role=body.role
     )
     return TechnicianPublic.from_row(tech)

@@ -5,9 +5,13 @@ row lock, and idempotent (a replayed event changes nothing and writes no audit r
 - ``disconnected(conn_id)`` records the connection as gone, closes the sessions bound to that
   connection (``agent_disconnected``, one audit row each) and marks the agent offline only if
   ``agent.conn_id == conn_id`` (an old connection's disconnect never touches a newer one).
-- ``connected(conn_id)`` records the connection, marks the agent online on it unless a newer
-  connection is already known (or this one is already gone), and closes the agent's sessions
-  bound to any other connection that were activated before the event.
+- ``connected(conn_id)`` with stream sequence ``seq`` records the connection and ``seq`` as its
+  ``connected_seq``, marks the agent online on it unless a connection with a higher
+  ``connected_seq`` is already known (or this one is already gone), and closes the agent's
+  active sessions bound to connections whose ``connected_seq`` is lower than ``seq``. Order
+  comes from the one JetStream stream, never from comparing the gateway's clock (``at``) with
+  the API's (activation time); a session on a connection whose ``connected`` was not handled
+  yet is left alone (its own ``connected`` or ``disconnected`` settles it).
 Events for unknown agents are acknowledged and ignored.
 """
 
@@ -27,13 +31,14 @@ log = logging.getLogger(__name__)
 
 
 async def handle_presence(
-    sessionmaker: async_sessionmaker[AsyncSession], event: PresenceEvent
+    sessionmaker: async_sessionmaker[AsyncSession], event: PresenceEvent, seq: int
 ) -> None:
+    """Handle one presence event; ``seq`` is its JetStream stream sequence."""
     async with sessionmaker() as db:
         if isinstance(event, AgentDisconnected):
             await on_disconnected(db, event)
         else:
-            await on_connected(db, event)
+            await on_connected(db, event, seq)
 
 
 async def on_disconnected(db: AsyncSession, event: AgentDisconnected) -> None:
@@ -77,7 +82,7 @@ async def on_disconnected(db: AsyncSession, event: AgentDisconnected) -> None:
             agent.online = False
 
 
-async def on_connected(db: AsyncSession, event: AgentConnected) -> None:
+async def on_connected(db: AsyncSession, event: AgentConnected, seq: int) -> None:
     async with db.begin():
         agent = await lock_agent(db, event.agent_id)
         if agent is None:
@@ -91,6 +96,7 @@ async def on_connected(db: AsyncSession, event: AgentConnected) -> None:
                 gateway_id=event.gateway_id,
                 boot_id=event.boot_id,
                 connected_at=event.at,
+                connected_seq=seq,
             )
             db.add(conn)
         elif conn.agent_id != event.agent_id:
@@ -98,14 +104,17 @@ async def on_connected(db: AsyncSession, event: AgentConnected) -> None:
                 "connect names a connection of another agent", extra={"conn_id": event.conn_id}
             )
             return
-        elif conn.connected_at is None:
-            conn.connected_at = event.at
+        else:
+            if conn.connected_at is None:
+                conn.connected_at = event.at
+            if conn.connected_seq is None:
+                conn.connected_seq = seq
         if conn.disconnected_at is None and agent.conn_id != event.conn_id:
             current = await db.get(AgentConnection, agent.conn_id) if agent.conn_id else None
             newer_known = (
                 current is not None
-                and current.connected_at is not None
-                and current.connected_at > event.at
+                and current.connected_seq is not None
+                and current.connected_seq > seq
             )
             if not newer_known:
                 agent.conn_id = event.conn_id
@@ -118,8 +127,7 @@ async def on_connected(db: AsyncSession, event: AgentConnected) -> None:
         await close_open_sessions(
             db,
             agent_id=event.agent_id,
-            other_than_conn_id=event.conn_id,
-            activated_before=event.at,
+            on_conns_connected_before_seq=seq,
             reason="agent_disconnected",
             actor=SYSTEM_ACTOR,
             detail={"event_id": event.event_id, "new_conn_id": event.conn_id},

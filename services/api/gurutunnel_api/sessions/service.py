@@ -1,22 +1,40 @@
-"""The session state machine: open, activate, close, and the helpers presence handlers share.
+"""The session state machine: open, activate, close, the stale-pending sweep, and the helpers
+presence handlers share.
 
 Contract (docs/design.md "Sessions (api)"):
-- ``open_session`` inserts ``pending`` (+ audit ``session.open``); the partial unique index makes a
-  concurrent second open an IntegrityError -> 409 ``session_exists``. It then requests
+- ``open_session`` locks the agent row and inserts ``pending`` (+ audit ``session.open``); the
+  partial unique index makes a concurrent second open an IntegrityError -> 409
+  ``session_exists``, unless the blocking row is a ``pending`` left behind by an open that could
+  no longer be running (older than ``open_timeout_s + close_timeout_s``): that one is failed
+  (``open_timeout``, audited, ``tunnel.close`` sent) and the open goes on. It then requests
   ``tunnel.open`` with ``open_timeout_s``; on ``tunnel.ready`` ``activate`` marks it ``active``
-  bound to the reply's ``conn_id``/``gateway_id`` (+ ``session.active``). No responders:
-  ``failed/agent_offline`` and 409; no answer: ``failed/open_timeout``, 504 and a best-effort
-  ``tunnel.close``; ``tunnel.error{tunnel_busy}``: ``failed/agent_busy`` and 409 ``agent_busy``.
+  bound to the reply's ``conn_id``/``gateway_id`` (+ ``session.active``).
+- Every failure maps through the one table :func:`..errors.failure_for` to (close reason, HTTP
+  answer): no responders -> ``failed/agent_offline``, 409; no answer -> ``failed/open_timeout``,
+  504; bus down -> ``failed/bus_unavailable``, 503; ``tunnel.error{tunnel_busy}`` ->
+  ``failed/agent_busy``, 409 ``agent_busy``; anything else ``failed/agent_error``, 502.
+- Whenever the ``tunnel.open`` may have reached the agent (every failure but "no responders",
+  a failed activation, a cancelled open, a swept stale row), a best-effort ``tunnel.close`` tells
+  it to leave tunnel mode. ``tunnel_busy`` naming a held session while the database has no open
+  session for the agent means the agent holds a zombie: it is told to close that one too.
+- A cancelled open (client gone, shutdown) fails its row with ``cancelled`` from a shielded
+  task on a fresh database session, bounded by ``request_timeout_s``, and sends ``tunnel.close``
+  unless the row had already become active.
 - ``activate`` locks the agent row (as the presence handlers do), so activation and presence are
   serialised per agent: activation on a connection already recorded as disconnected closes the
-  session at once (``agent_disconnected``) and the open answers 409 ``agent_offline``.
+  session at once (``agent_disconnected``) and the open answers 409 ``agent_offline``; an agent
+  revoked meanwhile closes it (``revoked``) and the open answers 409 ``conflict``.
 - ``close_session`` (owner or admin) closes in the database first and tells the agent
   best-effort afterwards; closing a closed session returns it unchanged.
 - Every state change writes exactly one audit row in its own transaction.
+- No ORM object is read after a rollback (a rollback expires them, and a lazy load outside the
+  greenlet fails): callers' ``Technician`` rows are reduced to plain ids before any transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -24,7 +42,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from gurutunnel_protocol import ErrorCode, new_id
@@ -37,13 +55,21 @@ from gurutunnel_protocol.messages import (
 )
 
 from ..agents.models import Agent, AgentConnection
-from ..audit.models import AuditAction
+from ..audit.models import SYSTEM_ACTOR, AuditAction
 from ..audit.service import record
 from ..auth.models import Role, Technician
-from ..bus import AgentOffline, AgentRefused, AgentTimeout, Bus, BusError, BusUnavailable
+from ..bus import AgentOffline, Bus, BusError
 from ..config import ApiSettings
 from ..db import utcnow
-from ..errors import AgentFailed, ApiError, Conflict, Forbidden, NotFound, bus_error_to_api
+from ..errors import (
+    AgentFailed,
+    ApiError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    failure_for,
+    session_exists,
+)
 from .models import OPEN_STATES, SessionState, TechSession
 
 log = logging.getLogger(__name__)
@@ -89,177 +115,365 @@ async def close_open_sessions(
     reason: str,
     actor: str,
     conn_id: str | None = None,
-    other_than_conn_id: str | None = None,
-    activated_before: datetime | None = None,
+    on_conns_connected_before_seq: int | None = None,
     detail: dict[str, Any] | None = None,
 ) -> list[TechSession]:
-    """Close the agent's open sessions matching the filters (caller holds the agent lock)."""
+    """Close the agent's open sessions matching the filters (caller holds the agent lock).
+
+    ``on_conns_connected_before_seq``: only active sessions bound to a connection whose
+    ``connected`` event has a lower stream sequence (a connection whose ``connected`` was not
+    handled yet has no sequence and is left alone)."""
     query = select(TechSession).where(
         col(TechSession.agent_id) == agent_id,
         col(TechSession.state).in_([s.value for s in OPEN_STATES]),
     )
     if conn_id is not None:
         query = query.where(col(TechSession.conn_id) == conn_id)
-    if other_than_conn_id is not None:
+    if on_conns_connected_before_seq is not None:
+        older_conns = select(col(AgentConnection.conn_id)).where(
+            col(AgentConnection.agent_id) == agent_id,
+            col(AgentConnection.connected_seq) < on_conns_connected_before_seq,
+        )
         query = query.where(
             col(TechSession.state) == SessionState.ACTIVE.value,
-            col(TechSession.conn_id) != other_than_conn_id,
+            col(TechSession.conn_id).in_(older_conns),
         )
-    if activated_before is not None:
-        query = query.where(col(TechSession.opened_at) < activated_before)
     rows = list(await db.scalars(query.execution_options(populate_existing=True)))
     for row in rows:
         finish(db, row, state=SessionState.CLOSED, reason=reason, actor=actor, detail=detail)
     return rows
 
 
-async def _insert_pending(db: AsyncSession, *, agent_id: str, tech: Technician) -> TechSession:
+async def _insert_pending(db: AsyncSession, *, agent_id: str, tech_id: str) -> str:
+    """Insert the ``pending`` row (agent row locked, so a concurrent revoke is either seen here
+    or sees this row); its id."""
     async with db.begin():
-        agent = await db.get(Agent, agent_id)
+        agent = await lock_agent(db, agent_id)
         if agent is None:
             raise NotFound("agent not found")
         if agent.revoked_at is not None:
             raise Conflict("agent is revoked")
-        row = TechSession(
-            id=new_id(), agent_id=agent_id, tech_id=tech.id, state=SessionState.PENDING.value
-        )
-        db.add(row)
-        record(
-            db, actor=tech.id, action=AuditAction.SESSION_OPEN, agent_id=agent_id, session_id=row.id
-        )
-        await db.flush()
-    return row
-
-
-async def _reap_abandoned_pending(db: AsyncSession, *, agent_id: str, older_than: datetime) -> bool:
-    """Fail a ``pending`` session left behind by a crashed or cancelled open (older than any
-    open could take); True when one was reaped."""
-    async with db.begin():
-        await lock_agent(db, agent_id)
-        row = await db.scalar(
-            select(TechSession).where(
-                col(TechSession.agent_id) == agent_id,
-                col(TechSession.state) == SessionState.PENDING.value,
-                col(TechSession.created_at) < older_than,
+        session_id = new_id()
+        db.add(
+            TechSession(
+                id=session_id,
+                agent_id=agent_id,
+                tech_id=tech_id,
+                state=SessionState.PENDING.value,
             )
         )
-        if row is None:
-            return False
-        finish(db, row, state=SessionState.FAILED, reason="open_timeout", actor="system")
-    return True
+        record(
+            db,
+            actor=tech_id,
+            action=AuditAction.SESSION_OPEN,
+            agent_id=agent_id,
+            session_id=session_id,
+        )
+        await db.flush()
+    return session_id
+
+
+async def fail_stale_pending(db: AsyncSession, *, agent_id: str, older_than: datetime) -> list[str]:
+    """Fail the agent's ``pending`` sessions created before ``older_than`` (left behind by a
+    crashed or cancelled open: no open takes that long); the ids of the failed ones."""
+    async with db.begin():
+        await lock_agent(db, agent_id)
+        rows = list(
+            await db.scalars(
+                select(TechSession)
+                .where(
+                    col(TechSession.agent_id) == agent_id,
+                    col(TechSession.state) == SessionState.PENDING.value,
+                    col(TechSession.created_at) < older_than,
+                )
+                .execution_options(populate_existing=True)
+            )
+        )
+        for row in rows:
+            finish(db, row, state=SessionState.FAILED, reason="open_timeout", actor=SYSTEM_ACTOR)
+        return [row.id for row in rows]
+
+
+def stale_pending_cutoff(settings: ApiSettings) -> datetime:
+    """Created before this instant, a ``pending`` row cannot belong to a running open."""
+    return utcnow() - timedelta(seconds=settings.open_timeout_s + settings.close_timeout_s)
+
+
+async def sweep_stale_pending(
+    sessionmaker: async_sessionmaker[AsyncSession], *, bus: Bus, settings: ApiSettings
+) -> int:
+    """Fail stale ``pending`` rows of at most ``pending_sweep_batch`` agents (audited) and tell
+    each agent to close them; how many were failed."""
+    cutoff = stale_pending_cutoff(settings)
+    failed = 0
+    async with sessionmaker() as db:
+        async with db.begin():
+            agent_ids = list(
+                await db.scalars(
+                    select(col(TechSession.agent_id))
+                    .where(
+                        col(TechSession.state) == SessionState.PENDING.value,
+                        col(TechSession.created_at) < cutoff,
+                    )
+                    .distinct()
+                    .limit(settings.pending_sweep_batch)
+                )
+            )
+        for agent_id in agent_ids:
+            session_ids = await fail_stale_pending(db, agent_id=agent_id, older_than=cutoff)
+            for session_id in session_ids:
+                log.info(
+                    "stale pending session failed",
+                    extra={"agent_id": agent_id, "session_id": session_id},
+                )
+                tell_agent_to_close(bus, settings, agent_id, session_id, reason="open_failed")
+            failed += len(session_ids)
+    return failed
+
+
+def tell_agent_to_close(
+    bus: Bus, settings: ApiSettings, agent_id: str, session_id: str, *, reason: str
+) -> None:
+    """Best-effort ``tunnel.close``: the database state never depends on the agent."""
+    bus.send_best_effort(
+        agent_id,
+        TunnelClose(req_id=new_id(), session_id=session_id, reason=reason),
+        settings.close_timeout_s,
+    )
 
 
 async def _fail_pending(
     db: AsyncSession, *, session_id: str, reason: str, actor: str, detail: dict[str, Any] | None
-) -> None:
+) -> str | None:
+    """Fail the session if it is still ``pending``; the state it was found in (None: no row)."""
     async with db.begin():
-        row = await db.get(TechSession, session_id, with_for_update=True, populate_existing=True)
-        if row is not None and row.state == SessionState.PENDING.value:
+        row = await db.get(TechSession, session_id)
+        if row is None:
+            return None
+        await lock_agent(db, row.agent_id)
+        await db.refresh(row)
+        found = row.state
+        if found == SessionState.PENDING.value:
             finish(db, row, state=SessionState.FAILED, reason=reason, actor=actor, detail=detail)
+        return found
 
 
-def _failure_reason(exc: BusError) -> str:
-    if isinstance(exc, AgentOffline):
-        return "agent_offline"
-    if isinstance(exc, AgentTimeout):
-        return "open_timeout"
-    if isinstance(exc, BusUnavailable):
-        return "bus_unavailable"
-    if isinstance(exc, AgentRefused):
-        return {
-            ErrorCode.TUNNEL_BUSY: "agent_busy",
-            ErrorCode.AGENT_OFFLINE: "agent_offline",
-            ErrorCode.AGENT_TIMEOUT: "open_timeout",
-        }.get(exc.code, "agent_error")
-    return "agent_error"
+# shielded clean-ups of cancelled opens, kept referenced until they finish
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+async def _abandon_open(
+    db: AsyncSession,
+    *,
+    bus: Bus,
+    settings: ApiSettings,
+    agent_id: str,
+    session_id: str,
+    tech_id: str,
+) -> None:
+    """The open was cancelled: fail the row (``cancelled``) on a fresh database session (the
+    request's may be mid-statement) and tell the agent to leave, unless it became active."""
+    found: str | None = None
+    try:
+        async with AsyncSession(bind=db.bind, expire_on_commit=False) as fresh:
+            found = await asyncio.wait_for(
+                _fail_pending(
+                    fresh, session_id=session_id, reason="cancelled", actor=tech_id, detail=None
+                ),
+                settings.request_timeout_s,
+            )
+    except Exception:
+        # the sweeper fails the row later; the agent is still told to leave below
+        log.warning(
+            "cancelled open not recorded as failed",
+            exc_info=True,
+            extra={"agent_id": agent_id, "session_id": session_id},
+        )
+    if found != SessionState.ACTIVE.value:
+        tell_agent_to_close(bus, settings, agent_id, session_id, reason="open_failed")
 
 
 async def open_session(
     db: AsyncSession, *, bus: Bus, settings: ApiSettings, agent_id: str, tech: Technician
 ) -> TechSession:
     """Open a tunnel session on ``agent_id`` for ``tech`` (see the module contract)."""
+    tech_id = tech.id  # read once: a rollback below expires ``tech``
     try:
-        row = await _insert_pending(db, agent_id=agent_id, tech=tech)
+        session_id = await _insert_pending(db, agent_id=agent_id, tech_id=tech_id)
     except IntegrityError:
-        stale = utcnow() - timedelta(seconds=settings.open_timeout_s + settings.close_timeout_s)
-        if not await _reap_abandoned_pending(db, agent_id=agent_id, older_than=stale):
-            raise Conflict(
-                "agent already has an open session", code=ErrorCode.SESSION_EXISTS
-            ) from None
+        reaped = await fail_stale_pending(
+            db, agent_id=agent_id, older_than=stale_pending_cutoff(settings)
+        )
+        if not reaped:
+            raise session_exists() from None
+        for stale_id in reaped:
+            tell_agent_to_close(bus, settings, agent_id, stale_id, reason="open_failed")
         try:
-            row = await _insert_pending(db, agent_id=agent_id, tech=tech)
+            session_id = await _insert_pending(db, agent_id=agent_id, tech_id=tech_id)
         except IntegrityError:
-            raise Conflict(
-                "agent already has an open session", code=ErrorCode.SESSION_EXISTS
-            ) from None
+            raise session_exists() from None
 
-    close = TunnelClose(req_id=new_id(), session_id=row.id, reason="open_failed")
+    try:
+        return await _open_on_agent(
+            db,
+            bus=bus,
+            settings=settings,
+            agent_id=agent_id,
+            tech_id=tech_id,
+            session_id=session_id,
+        )
+    except Exception:
+        raise
+    except BaseException:
+        # cancelled (client gone, shutdown) while the agent may be entering tunnel mode
+        task = asyncio.create_task(
+            _abandon_open(
+                db,
+                bus=bus,
+                settings=settings,
+                agent_id=agent_id,
+                session_id=session_id,
+                tech_id=tech_id,
+            )
+        )
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+        raise
+
+
+async def _open_on_agent(
+    db: AsyncSession,
+    *,
+    bus: Bus,
+    settings: ApiSettings,
+    agent_id: str,
+    tech_id: str,
+    session_id: str,
+) -> TechSession:
+    """Request ``tunnel.open`` for the pending ``session_id`` and activate it, or fail it."""
     try:
         reply = await bus.request_agent(
             agent_id,
-            TunnelOpen(req_id=new_id(), session_id=row.id, tech_id=tech.id),
+            TunnelOpen(req_id=new_id(), session_id=session_id, tech_id=tech_id),
             settings.open_timeout_s,
         )
     except BusError as exc:
-        reason = _failure_reason(exc)
-        await _fail_pending(db, session_id=row.id, reason=reason, actor=tech.id, detail=None)
-        if reason == "open_timeout":
-            # a late agent may still enter tunnel mode: tell it to leave
-            bus.send_best_effort(agent_id, close, settings.close_timeout_s)
-        raise bus_error_to_api(exc) from None
+        failure = failure_for(exc.code)
+        try:
+            await _fail_pending(
+                db, session_id=session_id, reason=failure.reason, actor=tech_id, detail=None
+            )
+        finally:
+            if not isinstance(exc, AgentOffline):
+                # delivered or not, we cannot tell (a late agent, a lost reply): tell it to leave
+                tell_agent_to_close(bus, settings, agent_id, session_id, reason="open_failed")
+        raise failure.error() from None
 
     answer = reply.frame
-    problem: ApiError | None = None
     if isinstance(answer, TunnelError):
+        failure = failure_for(answer.code)
+        await _fail_pending(
+            db,
+            session_id=session_id,
+            reason=failure.reason,
+            actor=tech_id,
+            detail={"code": answer.code.value},
+        )
         if answer.code == ErrorCode.TUNNEL_BUSY:
-            problem = Conflict("agent is busy with another session", code=ErrorCode.AGENT_BUSY)
-        else:
-            problem = AgentFailed(f"agent refused the session ({answer.code.value})")
-    elif not isinstance(answer, TunnelReady) or answer.session_id != row.id:
-        problem = AgentFailed(f"unexpected answer from the agent ({answer.type})")
-    if problem is not None:
-        reason = "agent_busy" if problem.code == ErrorCode.AGENT_BUSY else "agent_error"
-        detail = {"code": answer.code.value} if isinstance(answer, TunnelError) else None
-        await _fail_pending(db, session_id=row.id, reason=reason, actor=tech.id, detail=detail)
-        if not isinstance(answer, TunnelError):
-            bus.send_best_effort(agent_id, close, settings.close_timeout_s)
-        raise problem
+            await _close_zombie(
+                db,
+                bus=bus,
+                settings=settings,
+                agent_id=agent_id,
+                session_id=session_id,
+                held_session_id=answer.held_session_id,
+            )
+        raise failure.error()
+    if not isinstance(answer, TunnelReady) or answer.session_id != session_id:
+        try:
+            await _fail_pending(
+                db,
+                session_id=session_id,
+                reason=failure_for(ErrorCode.AGENT_ERROR).reason,
+                actor=tech_id,
+                detail={"answer": answer.type},
+            )
+        finally:
+            tell_agent_to_close(bus, settings, agent_id, session_id, reason="open_failed")
+        raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
 
     try:
-        return await activate(db, session_id=row.id, reply=reply, actor=tech.id)
+        return await activate(db, session_id=session_id, reply=reply, actor=tech_id)
     except Exception:
-        # not activated (closed meanwhile, connection gone, database failure) although the agent
-        # entered tunnel mode: tell it to leave
-        bus.send_best_effort(agent_id, close, settings.close_timeout_s)
+        # not activated (closed meanwhile, connection gone, revoked, database failure) although
+        # the agent entered tunnel mode: tell it to leave
+        tell_agent_to_close(bus, settings, agent_id, session_id, reason="open_failed")
         raise
+
+
+async def _close_zombie(
+    db: AsyncSession,
+    *,
+    bus: Bus,
+    settings: ApiSettings,
+    agent_id: str,
+    session_id: str,
+    held_session_id: str | None,
+) -> None:
+    """The agent is busy with ``held_session_id``; if the database knows no open session of the
+    agent (besides the one being opened), that session is a zombie: tell the agent to close it."""
+    if held_session_id is None or held_session_id == session_id:
+        return
+    async with db.begin():
+        other = await db.scalar(
+            select(col(TechSession.id))
+            .where(
+                col(TechSession.agent_id) == agent_id,
+                col(TechSession.state).in_([s.value for s in OPEN_STATES]),
+                col(TechSession.id) != session_id,
+            )
+            .limit(1)
+        )
+    if other is None:
+        log.warning(
+            "agent holds a session the database does not know open; closing it",
+            extra={"agent_id": agent_id, "session_id": held_session_id},
+        )
+        tell_agent_to_close(bus, settings, agent_id, held_session_id, reason="zombie")
 
 
 async def activate(
     db: AsyncSession, *, session_id: str, reply: CommandReply, actor: str
 ) -> TechSession:
     """Mark a pending session active on the replying connection, unless that connection is
-    already known to be gone (then close it: 409 ``agent_offline``)."""
+    already known to be gone (then close it: 409 ``agent_offline``) or the agent was revoked
+    meanwhile (then close it: 409 ``conflict``)."""
+    outcome: ApiError | None = None
     async with db.begin():
         row = await db.get(TechSession, session_id)
         if row is None:
             raise NotFound("session not found")
-        await lock_agent(db, row.agent_id)
+        agent = await lock_agent(db, row.agent_id)
         await db.refresh(row)
         if row.state != SessionState.PENDING.value:
             raise Conflict(f"session was {row.state} while opening ({row.close_reason})")
         conn = await db.get(AgentConnection, reply.conn_id)
-        if conn is not None and conn.disconnected_at is not None:
+        bound = {"conn_id": reply.conn_id, "gateway_id": reply.gateway_id}
+        if agent is None or agent.revoked_at is not None:
+            finish(db, row, state=SessionState.CLOSED, reason="revoked", actor=actor, detail=bound)
+            outcome = Conflict("agent was revoked while opening")
+        elif conn is not None and conn.disconnected_at is not None:
             finish(
                 db,
                 row,
                 state=SessionState.CLOSED,
                 reason="agent_disconnected",
                 actor=actor,
-                detail={"conn_id": reply.conn_id, "gateway_id": reply.gateway_id},
+                detail=bound,
             )
-            outcome: ApiError | None = Conflict(
-                "agent disconnected while opening", code=ErrorCode.AGENT_OFFLINE
-            )
+            outcome = Conflict("agent disconnected while opening", code=ErrorCode.AGENT_OFFLINE)
         else:
             row.state = SessionState.ACTIVE.value
             row.opened_at = utcnow()
@@ -271,9 +485,8 @@ async def activate(
                 action=AuditAction.SESSION_ACTIVE,
                 agent_id=row.agent_id,
                 session_id=row.id,
-                detail={"conn_id": reply.conn_id, "gateway_id": reply.gateway_id},
+                detail=bound,
             )
-            outcome = None
     if outcome is not None:
         raise outcome
     return row
@@ -283,23 +496,20 @@ async def close_session(
     db: AsyncSession, *, bus: Bus, settings: ApiSettings, session_id: str, tech: Technician
 ) -> TechSession:
     """Close by the owner or an admin (403 for others); idempotent on a finished session."""
+    tech_id, is_admin = tech.id, tech.role == Role.ADMIN.value  # plain values: see the contract
     async with db.begin():
         row = await db.get(TechSession, session_id)
         if row is None:
             raise NotFound("session not found")
-        if row.tech_id != tech.id and tech.role != Role.ADMIN.value:
+        if row.tech_id != tech_id and not is_admin:
             raise Forbidden("only the owner or an admin may close this session")
         await lock_agent(db, row.agent_id)
         await db.refresh(row)
         changed = row.state in {s.value for s in OPEN_STATES}
         if changed:
-            finish(db, row, state=SessionState.CLOSED, reason="user", actor=tech.id)
+            finish(db, row, state=SessionState.CLOSED, reason="user", actor=tech_id)
     if changed:
-        bus.send_best_effort(
-            row.agent_id,
-            TunnelClose(req_id=new_id(), session_id=row.id, reason="user"),
-            settings.close_timeout_s,
-        )
+        tell_agent_to_close(bus, settings, row.agent_id, row.id, reason="user")
     return row
 
 

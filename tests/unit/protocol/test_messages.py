@@ -37,6 +37,14 @@ from gurutunnel_protocol.messages import (
     DisconnectReason,
     ErrorFrame,
     ExitReason,
+    FileAck,
+    FileCancel,
+    FileChunk,
+    FileDone,
+    FileDownload,
+    FileFailed,
+    FileReady,
+    FileUpload,
     GatewayHeartbeat,
     Heartbeat,
     HostMetrics,
@@ -71,6 +79,7 @@ METRICS = HostMetrics(
     disk_used_percent=50.0,
     boot_time=NOW,
 )
+SHA = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 STAMP: dict[str, Any] = {"agent_id": "a1", "gateway_id": "g1", "boot_id": "b1", "conn_id": "c1"}
 
 SERVER_TO_AGENT: list[BaseModel] = [
@@ -87,6 +96,13 @@ SERVER_TO_AGENT: list[BaseModel] = [
     TerminalCancel(session_id="s1", channel_id="ch1"),
     ShellOpen(req_id="r7", session_id="s1", channel_id="sh1", cols=120, rows=40),
     ShellResize(session_id="s1", channel_id="sh1", cols=100, rows=30),
+    FileUpload(
+        req_id="r8", session_id="s1", channel_id="f1", path="/srv/a.bin", size=3, sha256=SHA
+    ),
+    FileDownload(req_id="r9", session_id="s1", channel_id="f2", path="/srv/b.bin", offset=10),
+    FileChunk(session_id="s1", channel_id="f1", offset=0, data=b"abc"),
+    FileAck(session_id="s1", channel_id="f2", offset=4096),
+    FileCancel(session_id="s1", channel_id="f1"),
 ]
 AGENT_TO_SERVER: list[BaseModel] = [
     Heartbeat(sent_at=NOW, mode="heartbeat", metrics=METRICS),
@@ -111,6 +127,20 @@ AGENT_TO_SERVER: list[BaseModel] = [
         stdout_bytes=10,
         stderr_bytes=0,
     ),
+    FileReady(
+        req_id="r9",
+        session_id="s1",
+        channel_id="f2",
+        offset=10,
+        size=20,
+        sha256=SHA,
+        window_bytes=1 << 22,
+        chunk_bytes=1 << 18,
+    ),
+    FileChunk(session_id="s1", channel_id="f2", offset=10, data=b"\x00" * 10),
+    FileAck(session_id="s1", channel_id="f1", offset=3),
+    FileDone(session_id="s1", channel_id="f1", path="/srv/a.bin", size=3, sha256=SHA),
+    FileFailed(session_id="s1", channel_id="f1", code=ErrorCode.HASH_MISMATCH, error="x", offset=0),
 ]
 
 
@@ -255,3 +285,22 @@ def test_every_request_has_replies_and_every_reply_can_answer() -> None:
     assert set(REPLY_TYPES) == reply_members
     for replies in REPLIES_BY_REQUEST.values():
         assert set(replies) <= reply_members
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "file.upload", "session_id": "s", "channel_id": "c", "path": "/a",'
+        b' "size": 1, "sha256": "ABC"}',
+        b'{"type": "file.upload", "session_id": "s", "channel_id": "c", "path": "/a\\u0000b",'
+        b' "size": 1, "sha256": "' + b"a" * 64 + b'"}',
+        b'{"type": "file.upload", "session_id": "s", "channel_id": "c", "path": "/a",'
+        b' "size": -1, "sha256": "' + b"a" * 64 + b'"}',
+        b'{"type": "file.download", "session_id": "s", "channel_id": "c", "path": ""}',
+    ],
+)
+def test_invalid_file_requests_are_refused(raw: bytes) -> None:
+    """Digests are 64 lowercase hex, paths non-empty without NUL, sizes non-negative."""
+    with pytest.raises(ProtocolError) as info:
+        decode_server_to_agent(raw)
+    assert info.value.code == ErrorCode.MALFORMED_FRAME

@@ -34,6 +34,16 @@ from .bus import (
     SessionUp,
 )
 from .control import ErrorFrame, Reconnect, Welcome
+from .files import (
+    FileAck,
+    FileCancel,
+    FileChunk,
+    FileDone,
+    FileDownload,
+    FileFailed,
+    FileReady,
+    FileUpload,
+)
 from .heartbeat import Heartbeat, HostMetrics
 from .terminal import (
     ExitReason,
@@ -70,7 +80,12 @@ AgentCommand = Annotated[
     | Terminal
     | TerminalCancel
     | ShellOpen
-    | ShellResize,
+    | ShellResize
+    | FileUpload
+    | FileDownload
+    | FileChunk
+    | FileAck
+    | FileCancel,
     Field(discriminator="type"),
 ]
 
@@ -86,7 +101,12 @@ ServerToAgent = Annotated[
     | Terminal
     | TerminalCancel
     | ShellOpen
-    | ShellResize,
+    | ShellResize
+    | FileUpload
+    | FileDownload
+    | FileChunk
+    | FileAck
+    | FileCancel,
     Field(discriminator="type"),
 ]
 
@@ -100,7 +120,12 @@ AgentToServer = Annotated[
     | ChannelClosed
     | TerminalStarted
     | TerminalChunk
-    | TerminalExit,
+    | TerminalExit
+    | FileReady
+    | FileChunk
+    | FileAck
+    | FileDone
+    | FileFailed,
     Field(discriminator="type"),
 ]
 
@@ -111,6 +136,7 @@ REPLY_TYPES = (
     ChannelOpened,
     ChannelClosed,
     TerminalStarted,
+    FileReady,
 )
 """Agent frames that answer a request (the ``AgentReply`` union)."""
 
@@ -121,6 +147,8 @@ REPLIES_BY_REQUEST: dict[str, tuple[type[Frame], ...]] = {
     "channel.close": (ChannelClosed, TunnelError),
     "terminal.command": (TerminalStarted, TunnelError),
     "shell.open": (ChannelOpened, TunnelError),
+    "file.upload": (FileReady, TunnelError),
+    "file.download": (FileReady, TunnelError),
 }
 """For each request (by ``type``), the agent frames that answer it (echoing its ``req_id``)."""
 
@@ -131,6 +159,8 @@ REQUEST_TYPES = (
     ChannelClose,
     Terminal,
     ShellOpen,
+    FileUpload,
+    FileDownload,
 )
 """Requests: sent on ``agent.<id>.cmd`` with a ``req_id`` and answered exactly once."""
 
@@ -150,6 +180,10 @@ SESSION_UP_TYPES = (
     ChannelClosed,
     TerminalChunk,
     TerminalExit,
+    FileChunk,
+    FileAck,
+    FileDone,
+    FileFailed,
 )
 """Agent frames a gateway relays on ``session.<id>.up`` (the ``SessionFrame`` union)."""
 
@@ -179,6 +213,14 @@ __all__ = [
     "DisconnectReason",
     "ErrorFrame",
     "ExitReason",
+    "FileAck",
+    "FileCancel",
+    "FileChunk",
+    "FileDone",
+    "FileDownload",
+    "FileFailed",
+    "FileReady",
+    "FileUpload",
     "Frame",
     "GatewayHeartbeat",
     "GatewayStamp",

@@ -16,6 +16,7 @@ from pydantic import Field
 from ..errors import ErrorCode
 from ..ids import Id
 from .base import Frame
+from .files import FileAck, FileChunk, FileDone, FileFailed, FileReady
 from .heartbeat import HostMetrics
 from .terminal import TerminalChunk, TerminalExit, TerminalStarted
 from .tunnel import (
@@ -96,7 +97,13 @@ class GatewayHeartbeat(Frame):
 
 
 AgentReply = Annotated[
-    TunnelReady | TunnelClosed | TunnelError | ChannelOpened | ChannelClosed | TerminalStarted,
+    TunnelReady
+    | TunnelClosed
+    | TunnelError
+    | ChannelOpened
+    | ChannelClosed
+    | TerminalStarted
+    | FileReady,
     Field(discriminator="type"),
 ]
 
@@ -125,7 +132,11 @@ SessionFrame = Annotated[
     | ChannelOpened
     | ChannelClosed
     | TerminalChunk
-    | TerminalExit,
+    | TerminalExit
+    | FileChunk
+    | FileAck
+    | FileDone
+    | FileFailed,
     Field(discriminator="type"),
 ]
 

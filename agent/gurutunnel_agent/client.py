@@ -29,13 +29,23 @@ Contract:
   a gateway that accepts then says ``reconnect{0}`` over and over still gets backed off.
 - Every disconnect force-closes the tunnel (the session cannot outlive its socket).
 - Channels (``gurutunnel_agent.channels``): the client carries out the actions the tunnel
-  returns. ``terminal.command`` spawns the process, answers ``terminal.started{pid}`` (same
-  ``req_id``), then streams; ``shell.open`` answers ``channel.opened{shell}``. Each channel runs
-  as one task of the connection, emitting through :meth:`AgentClient._send` (awaited:
-  back-pressure from a slow socket reaches the pipe). A finished channel is released in the
-  tunnel. ``channel.close`` and ``tunnel.close`` kill the process trees and wait for the exit
-  frames (bounded) before their answer. When the connection ends, every channel is ended
-  (``session_closed``, trees killed) and nothing more is sent for it.
+  returns. ``terminal.command`` first checks and opens its working directory on a worker
+  thread (``open_cwd``, bounded by ``cwd_timeout_s``; refused -> ``tunnel.error
+  {cwd_not_allowed}`` and the channel released), spawns the process, answers
+  ``terminal.started{pid}`` (same ``req_id``), then streams; ``shell.open`` answers
+  ``channel.opened{shell}``. The channel's output is opened even if that answer fails, so the
+  channel still ends. Each channel runs as one task of the connection, emitting through
+  :meth:`AgentClient._send` (awaited: back-pressure from a slow socket reaches the pipe). A
+  finished channel is released in the tunnel with its registration token (never a newer channel
+  reusing the id), and leaves the connection's table only once its task is done.
+  ``channel.close`` and ``tunnel.close`` kill the process trees and wait for the exit frames
+  (bounded) before their answer; a channel still running at the bound is cancelled (SIGKILL)
+  and its exit frame is sent on its behalf (best effort) before the answer. When the
+  connection ends, every channel is ended (``session_closed``, trees killed) and nothing more
+  is sent for it.
+- Shell input (``tunnel.data``) is only queued by the reader (``ShellChannel.feed``); each shell
+  writes its own queue, so a shell that stops reading cannot stall the reader, the other
+  channels or ``tunnel.close``. A full queue answers ``tunnel.error{agent_backpressure}``.
 - ``stop()`` (signals) ends ``run()`` promptly: the socket is closed with code 1000.
 """
 
@@ -75,7 +85,7 @@ from gurutunnel_protocol.messages import (
 
 from .channels.output import Emit
 from .channels.shell import ShellChannel
-from .channels.terminal import CommandChannel, CommandLimits, resolve_cwd
+from .channels.terminal import CommandChannel, CommandLimits, WorkDir, open_cwd
 from .config import AgentSettings, CredentialError
 from .metrics import (
     agent_version,
@@ -86,6 +96,7 @@ from .metrics import (
 from .tunnel import (
     ACTION_TYPES,
     Action,
+    CwdNotAllowed,
     EndSession,
     ResizeShell,
     ShellInput,
@@ -93,6 +104,7 @@ from .tunnel import (
     StartShell,
     StopChannel,
     TunnelManager,
+    TunnelStateError,
 )
 
 log = logging.getLogger(__name__)
@@ -176,6 +188,7 @@ Runtime = CommandChannel | ShellChannel
 class _Running:
     session_id: str
     channel_id: str
+    token: int
     runtime: Runtime
     task: asyncio.Task[None]
 
@@ -222,14 +235,8 @@ class AgentClient:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        allowlist = list(settings.cwd_allowlist)
         self.tunnel = (
-            tunnel
-            if tunnel is not None
-            else TunnelManager(
-                max_channels=settings.max_channels,
-                resolve_cwd=lambda cwd: resolve_cwd(cwd, allowlist),
-            )
+            tunnel if tunnel is not None else TunnelManager(max_channels=settings.max_channels)
         )
         self._metrics = metrics
         self._rng = rng or random.Random()
@@ -246,6 +253,9 @@ class AgentClient:
             max_workers=1, thread_name_prefix="gurutunnel-metrics"
         )
         self._metrics_inflight: asyncio.Future[HostMetrics] | None = None
+        # Working-directory checks are filesystem calls (a hung mount blocks them): off the
+        # loop, on threads of their own so they cannot starve the default executor either.
+        self._cwd_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gurutunnel-cwd")
 
     def stop(self) -> None:
         """Ask ``run()`` to close the socket with code 1000 and return."""
@@ -268,6 +278,7 @@ class AgentClient:
             # a hung collection cannot be interrupted; nothing waits for it (the thread ends
             # with the call, or with the process)
             self._metrics_executor.shutdown(wait=False, cancel_futures=True)
+            self._cwd_executor.shutdown(wait=False, cancel_futures=True)
         log.info("agent stopped")
 
     def _reconnect_delay(self, conn: _Connection | None, backoff: Backoff) -> float:
@@ -493,8 +504,11 @@ class AgentClient:
                 except Exception:
                     # a bug, not a refusal: free the slot and answer instead of going silent
                     log.exception("channel could not be started", extra={"type": frame.type})
-                    if frame.channel_id not in conn.channels:
-                        self.tunnel.release_channel(frame.session_id, frame.channel_id)
+                    running = conn.channels.get(frame.channel_id)
+                    if running is None or running.token != action.token:
+                        self.tunnel.release_channel(
+                            frame.session_id, frame.channel_id, action.token
+                        )
                         await self._send(
                             conn,
                             TunnelError(
@@ -510,7 +524,7 @@ class AgentClient:
                 if running is not None and running.session_id == action.session_id:
                     running.runtime.request_stop(action.reason)
                     if action.wait:
-                        await self._await_channels(conn, [running])
+                        await self._await_channels(conn, [running], action.reason)
             case EndSession():
                 await self._end_channels(conn, ExitReason.SESSION_CLOSED, action.session_id)
             case ShellInput():
@@ -531,11 +545,45 @@ class AgentClient:
 
         return emit
 
+    async def _open_cwd(self, requested: str | None) -> WorkDir:
+        """The checked, opened working directory (worker thread, bounded), or CwdNotAllowed."""
+        allowlist = list(self.settings.cwd_allowlist)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._cwd_executor, open_cwd, requested, allowlist
+        )
+        await asyncio.wait({future}, timeout=self.settings.cwd_timeout_s)
+        if not future.done():
+            # the thread cannot be interrupted: close what it opens if it ever finishes
+            future.add_done_callback(_close_late_workdir)
+            raise CwdNotAllowed("checking the working directory timed out")
+        return future.result()
+
+    async def _refuse_start(
+        self, conn: _Connection, action: StartCommand | StartShell, exc: TunnelStateError
+    ) -> None:
+        frame = action.frame
+        self.tunnel.release_channel(frame.session_id, frame.channel_id, action.token)
+        await self._send(
+            conn,
+            TunnelError(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                code=exc.code,
+                error=exc.message,
+            ),
+        )
+
     async def _start_command(self, conn: _Connection, action: StartCommand) -> None:
         s, frame = self.settings, action.frame
+        try:
+            workdir = await self._open_cwd(frame.cwd)
+        except CwdNotAllowed as exc:
+            await self._refuse_start(conn, action, exc)
+            return
         runtime = CommandChannel(
             frame,
-            cwd=action.cwd,
+            cwd=workdir,
             limits=CommandLimits(
                 chunk_bytes=s.chunk_bytes,
                 max_output_bytes=s.max_output_bytes,
@@ -546,62 +594,74 @@ class AgentClient:
         pid = await runtime.start()
         # registered before the answer: if the socket dies while answering, the connection's
         # cleanup still finds (and kills) the process
-        self._launch(conn, frame.session_id, frame.channel_id, runtime)
+        self._launch(conn, action, runtime)
         log.info(
             "command started",
             extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
         )
-        await self._send(
-            conn,
-            TerminalStarted(
-                req_id=frame.req_id,
-                session_id=frame.session_id,
-                channel_id=frame.channel_id,
-                pid=pid,
-            ),
-        )
-        runtime.output.open()
+        try:
+            await self._send(
+                conn,
+                TerminalStarted(
+                    req_id=frame.req_id,
+                    session_id=frame.session_id,
+                    channel_id=frame.channel_id,
+                    pid=pid,
+                ),
+            )
+        finally:
+            # whatever happened to the answer, the channel must be able to end (exit frame)
+            runtime.output.open()
 
     async def _start_shell(self, conn: _Connection, action: StartShell) -> None:
         s, frame = self.settings, action.frame
+        try:
+            workdir = await self._open_cwd(None)
+        except CwdNotAllowed as exc:
+            await self._refuse_start(conn, action, exc)
+            return
         runtime = ShellChannel(
             frame,
-            cwd=action.cwd,
+            cwd=workdir,
             chunk_bytes=s.chunk_bytes,
             kill_grace_s=s.kill_grace_s,
-            input_timeout_s=s.send_timeout_s,
+            input_buffer_bytes=s.shell_input_buffer_bytes,
             emit=self._emitter(conn),
         )
         pid = await runtime.start()
-        self._launch(conn, frame.session_id, frame.channel_id, runtime)
+        self._launch(conn, action, runtime)
         log.info(
             "shell started",
             extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
         )
-        await self._send(
-            conn,
-            ChannelOpened(
-                req_id=frame.req_id,
-                session_id=frame.session_id,
-                channel_id=frame.channel_id,
-                channel_type=ChannelType.SHELL,
-            ),
-        )
-        runtime.output.open()
+        try:
+            await self._send(
+                conn,
+                ChannelOpened(
+                    req_id=frame.req_id,
+                    session_id=frame.session_id,
+                    channel_id=frame.channel_id,
+                    channel_type=ChannelType.SHELL,
+                ),
+            )
+        finally:
+            runtime.output.open()
 
     def _launch(
-        self, conn: _Connection, session_id: str, channel_id: str, runtime: Runtime
+        self, conn: _Connection, action: StartCommand | StartShell, runtime: Runtime
     ) -> None:
-        task = asyncio.create_task(runtime.run(), name=f"agent-channel-{channel_id}")
-        running = _Running(session_id, channel_id, runtime, task)
-        conn.channels[channel_id] = running
+        frame = action.frame
+        task = asyncio.create_task(runtime.run(), name=f"agent-channel-{frame.channel_id}")
+        running = _Running(frame.session_id, frame.channel_id, action.token, runtime, task)
+        conn.channels[frame.channel_id] = running
         task.add_done_callback(lambda _: self._channel_done(conn, running))
 
     def _channel_done(self, conn: _Connection, running: _Running) -> None:
         if conn.channels.get(running.channel_id) is running:
             del conn.channels[running.channel_id]
-        # the id may be used again (a no-op if the session was closed meanwhile)
-        self.tunnel.release_channel(running.session_id, running.channel_id)
+        # the id may be used again (a no-op if the session was closed meanwhile, or if the id
+        # already belongs to a newer channel)
+        self.tunnel.release_channel(running.session_id, running.channel_id, running.token)
         task = running.task
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
@@ -616,8 +676,11 @@ class AgentClient:
         # kill (TERM, grace, KILL, grace), drain (grace), then the exit frame's send
         return 4 * self.settings.kill_grace_s + self.settings.send_timeout_s + 1.0
 
-    async def _await_channels(self, conn: _Connection, runnings: list[_Running]) -> None:
-        """Wait (bounded) for channels to finish; stragglers are cancelled (SIGKILL)."""
+    async def _await_channels(
+        self, conn: _Connection, runnings: list[_Running], reason: ExitReason
+    ) -> None:
+        """Wait (bounded) for channels to finish; stragglers are cancelled (SIGKILL) and their
+        exit frames sent for them (best effort, ``reason`` unless they had one already)."""
         tasks = {r.task for r in runnings}
         if not tasks:
             return
@@ -628,7 +691,15 @@ class AgentClient:
             log.warning("channels did not end in time; killed", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=1.0)
         for running in runnings:
-            if conn.channels.get(running.channel_id) is running:
+            if running.task in pending and not running.runtime.output.exited:
+                try:
+                    async with asyncio.timeout(self.settings.send_timeout_s + 1.0):
+                        await running.runtime.abandon(reason)
+                except TimeoutError:
+                    log.warning("exit frame of an abandoned channel not sent in time")
+            # a task still running stays in the table (and is killed with the connection);
+            # a done one was removed by its done callback
+            if running.task.done() and conn.channels.get(running.channel_id) is running:
                 del conn.channels[running.channel_id]
 
     async def _end_channels(
@@ -640,22 +711,20 @@ class AgentClient:
         ]
         for running in runnings:
             running.runtime.request_stop(reason)
-        await self._await_channels(conn, runnings)
+        await self._await_channels(conn, runnings, reason)
 
     async def _shell_input(self, conn: _Connection, action: ShellInput) -> None:
         running = conn.channels.get(action.channel_id)
         if running is None or not isinstance(running.runtime, ShellChannel):
             return  # registered but already ending: its exit frame is on the way
-        try:
-            await running.runtime.write(action.data)
-        except TimeoutError:
+        if not running.runtime.feed(action.data):
             await self._send(
                 conn,
                 TunnelError(
                     session_id=action.session_id,
                     channel_id=action.channel_id,
                     code=ErrorCode.AGENT_BACKPRESSURE,
-                    error="the shell did not read its input in time; input dropped",
+                    error="the shell is not reading its input; input dropped",
                 ),
             )
 
@@ -746,3 +815,9 @@ class AgentClient:
                 log.warning("gateway stopped reading; aborting the connection")
                 conn.ws.transport.abort()
                 raise ConnectionClosed(None, None) from None
+
+
+def _close_late_workdir(future: asyncio.Future[WorkDir]) -> None:
+    """Close the directory a timed-out check opened after all."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()

@@ -18,14 +18,23 @@ Contract:
   SIGTERM -> SIGKILL delay when a process tree is killed; also how long output of an exited
   command may keep draining) and ``cwd_allowlist`` (``GT_AGENT_CWD_ALLOWLIST``, a JSON list of
   directories in the environment, a TOML array in the file; default: the user's home directory
-  and the system temp dir; the first entry is the default working directory).
+  only, since a world-writable directory such as the system temp dir lets any local user plant
+  what a command runs; the first entry is the default working directory), ``cwd_timeout_s``
+  (``GT_AGENT_CWD_TIMEOUT_S``, bound on checking and opening a working directory, done on a
+  worker thread: a hung mount refuses the command instead of stalling the agent) and
+  ``shell_input_buffer_bytes`` (``GT_AGENT_SHELL_INPUT_BUFFER_BYTES``, technician input queued
+  per shell; beyond it input is refused with ``tunnel.error{agent_backpressure}``).
+- Secrets: prefer ``credential_file`` (mode 0600) over ``GT_AGENT_CREDENTIAL``: a process's
+  environment is readable by its owner and root through ``/proc/<pid>/environ`` for the life of
+  the process. Whatever the source, no ``GT_AGENT_*`` variable (:data:`ENV_PREFIX`, matched
+  case-insensitively like the settings themselves) ever reaches a command or shell the agent
+  starts (``gurutunnel_agent.channels.process.child_environment``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -40,7 +49,9 @@ from pydantic_settings import (
 from websockets.exceptions import InvalidURI
 from websockets.uri import parse_uri
 
-CONFIG_FILE_ENV = "GT_AGENT_CONFIG_FILE"
+ENV_PREFIX = "GT_AGENT_"
+"""Prefix of every environment variable the settings are read from (case-insensitive)."""
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
 
 # A bearer credential is a compact JWT; anything with whitespace or control characters would
 # corrupt the HTTP header it travels in (header injection), so refuse it at load time.
@@ -57,7 +68,7 @@ class CredentialError(Exception):
 
 def _default_cwd_allowlist() -> list[Path]:
     # evaluated when settings are built, never at import time
-    return [Path.home(), Path(tempfile.gettempdir())]
+    return [Path.home()]
 
 
 def _check_credential(value: str, *, where: str) -> str:
@@ -71,14 +82,16 @@ class AgentSettings(BaseSettings):
     """Every setting of the agent (env ``GT_AGENT_<NAME>``, or ``name = ...`` in the TOML file)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GT_AGENT_",
+        env_prefix=ENV_PREFIX,
         extra="forbid",
         frozen=True,
     )
 
     gateway_url: str = Field(description="e.g. ws://127.0.0.1:8081/agent/v1/connect")
     credential: SecretStr | None = None
+    """The bearer credential itself; prefer ``credential_file`` (the environ is in /proc)."""
     credential_file: Path | None = None
+    """A file (mode 0600) holding the credential, re-read at every connection attempt."""
 
     heartbeat_interval_s: float = Field(default=30.0, gt=0, le=3600)
     """Upper bound between heartbeats; the gateway's ``welcome`` may ask for a shorter one."""
@@ -118,6 +131,10 @@ class AgentSettings(BaseSettings):
         default_factory=lambda: _default_cwd_allowlist(), min_length=1
     )
     """Directories a command may run in (their real paths, subdirectories included)."""
+    cwd_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on checking and opening a working directory (a hung mount refuses the command)."""
+    shell_input_buffer_bytes: int = Field(default=1 << 20, ge=1024)
+    """Technician input queued per shell; more is refused ``agent_backpressure``."""
 
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 

@@ -24,8 +24,11 @@ Contract:
   their tasks and owns their lifetimes):
 
   * ``terminal.command``: session held, channel id unused, fewer than ``max_channels`` open,
-    command valid, ``cwd`` allowed (``resolve_cwd``, injected) -> the channel is registered and
-    :class:`StartCommand` returned; the client answers ``terminal.started``.
+    command valid (:func:`check_command`; ``cwd``, if given, absolute and without NUL) -> the
+    channel is registered and :class:`StartCommand` returned. The client then checks the
+    working directory against the allowlist on a worker thread (filesystem calls, bounded:
+    they must not block this loop), answers ``tunnel.error{cwd_not_allowed}`` and releases the
+    channel if refused, else starts the process and answers ``terminal.started``.
   * ``shell.open``: the same checks (cwd: the default one) -> :class:`StartShell`; the client
     answers ``channel.opened{shell}``. ``not_implemented`` where PTYs are unsupported.
   * ``terminal.cancel`` -> :class:`StopChannel` (``cancelled``, not awaited, no answer);
@@ -33,8 +36,10 @@ Contract:
   * ``channel.close`` -> :class:`StopChannel` (awaited) then ``channel.closed``;
     ``tunnel.close`` -> :class:`EndSession` (every channel ends ``session_closed``, its process
     tree killed) then ``tunnel.closed``.
-  * A finished channel is released by the client with :meth:`TunnelManager.release_channel`,
-    so its id may be used again.
+  * Every registration gets a new ``token`` (carried by the action); a finished channel is
+    released by the client with :meth:`TunnelManager.release_channel` and that token, so its id
+    may be used again, and a late release of an old channel never frees a newer one that
+    reuses the id.
 - ``open_tunnel`` for the session already open (same session and technician) is idempotent:
   a re-delivered ``tunnel.open`` is answered ``tunnel.ready`` again rather than refused.
 - ``force_close()`` is called when the socket is lost: the session and its channels are
@@ -43,11 +48,11 @@ Contract:
 
 from __future__ import annotations
 
+import ntpath
+import posixpath
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from gurutunnel_protocol import ErrorCode
 from gurutunnel_protocol.messages import (
@@ -59,6 +64,11 @@ from gurutunnel_protocol.messages import (
     ChannelType,
     ErrorFrame,
     ExitReason,
+    FileAck,
+    FileCancel,
+    FileChunk,
+    FileDownload,
+    FileUpload,
     Reconnect,
     ServerToAgent,
     ShellOpen,
@@ -127,18 +137,19 @@ class InvalidCommand(TunnelStateError):
 
 @dataclass(frozen=True)
 class StartCommand:
-    """Spawn ``frame``'s command in ``cwd`` (resolved, allowed), answer ``terminal.started``."""
+    """Check ``frame.cwd``, spawn the command, answer ``terminal.started`` (see ``token``)."""
 
     frame: Terminal
-    cwd: Path
+    token: int
+    """Identifies this registration of the channel id (for :meth:`release_channel`)."""
 
 
 @dataclass(frozen=True)
 class StartShell:
-    """Open a PTY shell in ``cwd``, answer ``channel.opened{shell}``."""
+    """Open a PTY shell in the default directory, answer ``channel.opened{shell}``."""
 
     frame: ShellOpen
-    cwd: Path
+    token: int
 
 
 @dataclass(frozen=True)
@@ -177,45 +188,50 @@ Action = StartCommand | StartShell | StopChannel | ShellInput | ResizeShell | En
 ACTION_TYPES = (StartCommand, StartShell, StopChannel, ShellInput, ResizeShell, EndSession)
 
 
-def _refuse_all_cwds(cwd: str | None) -> Path:
-    raise CwdNotAllowed("no working directory allowlist is configured")
+_WINDOWS_BATCH_SUFFIXES = (".bat", ".cmd")
 
 
-def check_command(frame: Terminal) -> None:
-    """:class:`InvalidCommand` for a command no OS can run (NUL bytes, empty program)."""
+def check_command(frame: Terminal, *, windows: bool = sys.platform == "win32") -> None:
+    """:class:`InvalidCommand` for a command no OS can run (NUL bytes, empty program), or a
+    Windows batch file as ``argv[0]`` (CreateProcess runs it through ``cmd.exe``, which would
+    interpret the other items: ``argv`` promises no shell). :class:`CwdNotAllowed` for a
+    ``cwd`` that is not absolute or holds NUL (the allowlist is checked later, off-loop)."""
     if frame.argv is not None:
         if not frame.argv[0]:
             raise InvalidCommand("argv[0] must not be empty")
         if any("\x00" in item for item in frame.argv):
             raise InvalidCommand("argv must not contain NUL characters")
+        # Windows ignores trailing dots and spaces in a file name: "x.bat." runs x.bat
+        program = frame.argv[0].rstrip(". ").lower()
+        if windows and program.endswith(_WINDOWS_BATCH_SUFFIXES):
+            raise InvalidCommand("batch files (.bat, .cmd) cannot be run through argv on Windows")
     elif frame.command is not None:
         if not frame.command.strip():
             raise InvalidCommand("command must not be empty")
         if "\x00" in frame.command:
             raise InvalidCommand("command must not contain NUL characters")
-    if frame.cwd is not None and "\x00" in frame.cwd:
-        raise CwdNotAllowed("the working directory must not contain NUL characters")
+    if frame.cwd is not None:
+        if "\x00" in frame.cwd:
+            raise CwdNotAllowed("the working directory must not contain NUL characters")
+        if not (ntpath if windows else posixpath).isabs(frame.cwd):
+            raise CwdNotAllowed("the working directory must be an absolute path")
 
 
 class TunnelManager:
-    """Mode, session and channels of one agent (the seed's Rust ``TunnelManager``).
-
-    ``resolve_cwd`` maps a requested working directory (``None``: the default) to the real
-    allowed one or raises :class:`CwdNotAllowed`; without it every command is refused.
-    """
+    """Mode, session and channels of one agent (the seed's Rust ``TunnelManager``)."""
 
     def __init__(
         self,
         *,
         max_channels: int = 16,
-        resolve_cwd: Callable[[str | None], Path] | None = None,
         shell_supported: bool = sys.platform != "win32",
     ) -> None:
         self._session_id: str | None = None
         self._tech_id: str | None = None
         self._channels: dict[str, ChannelType] = {}
+        self._tokens: dict[str, int] = {}
+        self._last_token = 0
         self.max_channels = max_channels
-        self._resolve_cwd = resolve_cwd or _refuse_all_cwds
         self.shell_supported = shell_supported
 
     @property
@@ -246,24 +262,33 @@ class TunnelManager:
         self._session_id = session_id
         self._tech_id = tech_id
         self._channels.clear()
+        self._tokens.clear()
 
     def close_tunnel(self, session_id: str) -> None:
         """Leave tunnel mode; :class:`NoSuchSession` unless ``session_id`` is the open one."""
         self._require_session(session_id)
         self._drop()
 
-    def add_channel(self, channel_id: str, channel_type: ChannelType) -> None:
-        """Open a channel in the current session (exists / too many are refused)."""
+    def add_channel(self, channel_id: str, channel_type: ChannelType) -> int:
+        """Open a channel in the current session (exists / too many are refused); its token."""
         if self._session_id is None:
             raise NoSuchSession("no tunnel session is open")
         self._check_free(channel_id)
-        self._channels[channel_id] = channel_type
+        return self._register(channel_id, channel_type)
 
-    def release_channel(self, session_id: str, channel_id: str) -> bool:
-        """Forget a finished channel if ``session_id`` is still open; whether it was there."""
-        if self._session_id != session_id or channel_id not in self._channels:
+    def _register(self, channel_id: str, channel_type: ChannelType) -> int:
+        self._last_token += 1
+        self._channels[channel_id] = channel_type
+        self._tokens[channel_id] = self._last_token
+        return self._last_token
+
+    def release_channel(self, session_id: str, channel_id: str, token: int) -> bool:
+        """Forget a finished channel if this very registration (``token``) is still open in
+        ``session_id``; whether it was. A newer channel reusing the id is left alone."""
+        if self._session_id != session_id or self._tokens.get(channel_id) != token:
             return False
         del self._channels[channel_id]
+        del self._tokens[channel_id]
         return True
 
     def _check_free(self, channel_id: str) -> None:
@@ -277,6 +302,7 @@ class TunnelManager:
         if channel_id not in self._channels:
             raise NoSuchChannel(f"channel {channel_id} is not open")
         del self._channels[channel_id]
+        del self._tokens[channel_id]
 
     def force_close(self) -> str | None:
         """Drop session and channels (the socket is gone); returns the dropped session id."""
@@ -288,6 +314,7 @@ class TunnelManager:
         self._session_id = None
         self._tech_id = None
         self._channels.clear()
+        self._tokens.clear()
 
     def _require_session(self, session_id: str) -> None:
         if self._session_id is None:
@@ -307,6 +334,9 @@ class TunnelManager:
         if isinstance(frame, Welcome | ErrorFrame | Reconnect):
             return []
         try:
+            if isinstance(frame, FileUpload | FileDownload | FileChunk | FileAck | FileCancel):
+                # file transfer frames exist in the protocol; this agent does not serve them yet
+                raise NotImplementedYet(f"{frame.type} is not supported by this agent")
             return self._dispatch(frame)
         except TunnelStateError as exc:
             return [
@@ -372,17 +402,13 @@ class TunnelManager:
                 self._require_session(frame.session_id)
                 self._check_free(frame.channel_id)
                 check_command(frame)
-                cwd = self._resolve_cwd(frame.cwd)
-                self._channels[frame.channel_id] = ChannelType.TERMINAL
-                return [StartCommand(frame, cwd)]
+                return [StartCommand(frame, self._register(frame.channel_id, ChannelType.TERMINAL))]
             case ShellOpen():
                 self._require_session(frame.session_id)
                 self._check_free(frame.channel_id)
                 if not self.shell_supported:
                     raise NotImplementedYet("interactive shells are not supported on this OS")
-                cwd = self._resolve_cwd(None)
-                self._channels[frame.channel_id] = ChannelType.SHELL
-                return [StartShell(frame, cwd)]
+                return [StartShell(frame, self._register(frame.channel_id, ChannelType.SHELL))]
             case TerminalCancel():
                 self._require_running(frame.session_id, frame.channel_id, frame.type)
                 return [

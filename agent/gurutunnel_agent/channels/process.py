@@ -1,6 +1,14 @@
-"""Killing a process tree the agent started, per OS.
+"""Starting and killing the processes of channels, per OS.
 
 Contract:
+- :func:`child_environment` is the one environment every command and shell gets: the agent's,
+  minus every variable its settings may be read from (``GT_AGENT_*``, case-insensitively, as
+  pydantic-settings matches them), so no credential or agent configuration reaches a child.
+- :func:`spawn` starts a process with piped or inherited stdio and returns a :class:`Spawned`
+  whose ``exited`` event is set when the process itself ends, independently of its pipes
+  (``Process.wait()`` on Python 3.11 only returns once every pipe is closed too, so a command
+  whose background child keeps them open would look alive). :meth:`Spawned.close` closes the
+  transport (its pipes) and must be called when the channel stops reading them.
 - Every process the agent starts leads a new session (POSIX ``start_new_session=True``;
   Windows ``CREATE_NEW_PROCESS_GROUP``), so its session and group ids are its pid. Its tree is
   every process of that session (an interactive shell puts each job in a process group of its
@@ -25,10 +33,64 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
+from ..config import ENV_PREFIX
+
 log = logging.getLogger(__name__)
+
+
+def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: ``base`` (default: the agent's) without ``GT_AGENT_*``."""
+    source = os.environ if base is None else base
+    return {k: v for k, v in source.items() if not k.upper().startswith(ENV_PREFIX)}
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The stream protocol of ``create_subprocess_exec`` plus an event for the process's end."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
+@dataclass
+class Spawned:
+    """A started process, its transport and the event of its end (pipes aside)."""
+
+    proc: asyncio.subprocess.Process
+    transport: asyncio.SubprocessTransport
+    exited: asyncio.Event
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        """Close the transport and its pipes (idempotent; kills the process if it still runs)."""
+        self.transport.close()
+
+
+_STREAM_LIMIT = 64 * 1024
+
+
+async def spawn(argv: Sequence[str], **kwargs: Any) -> Spawned:
+    """Start ``argv`` like ``asyncio.create_subprocess_exec`` (same keyword arguments)."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _ExitAwareProtocol(_STREAM_LIMIT, loop), *argv, **kwargs
+    )
+    return Spawned(
+        asyncio.subprocess.Process(transport, protocol, loop), transport, protocol.exited
+    )
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -75,10 +137,9 @@ def _signal_tree(leader: int, sig: int, *, alive: bool) -> bool:
     return found
 
 
-async def kill_tree(
-    proc: asyncio.subprocess.Process, grace_s: float, *, first: int = signal.SIGTERM
-) -> None:
-    """Kill ``proc`` and every process of its group (see module docstring)."""
+async def kill_tree(spawned: Spawned, grace_s: float, *, first: int = signal.SIGTERM) -> None:
+    """Kill the process and every process of its group (see module docstring)."""
+    proc = spawned.proc
     if sys.platform == "win32":
         await _taskkill(proc.pid, grace_s)
         return
@@ -86,15 +147,16 @@ async def kill_tree(
         return
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grace_s):
-            await proc.wait()
+            await spawned.exited.wait()
     _signal_tree(proc.pid, signal.SIGKILL, alive=proc.returncode is None)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grace_s):
-            await proc.wait()
+            await spawned.exited.wait()
 
 
-def kill_tree_now(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the tree led by ``proc`` at once (synchronous last resort)."""
+def kill_tree_now(spawned: Spawned) -> None:
+    """SIGKILL the tree led by the process at once (synchronous last resort)."""
+    proc = spawned.proc
     pid = proc.pid
     if sys.platform == "win32":
         with contextlib.suppress(OSError):

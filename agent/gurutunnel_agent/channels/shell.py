@@ -2,13 +2,18 @@
 
 Contract:
 - The shell is ``$SHELL`` (else ``/bin/sh``) run with ``-i`` in a new session whose controlling
-  terminal is the PTY's slave side, in the working directory the tunnel resolved (the first
-  allowlist root). The initial window size comes from ``shell.open``; ``TERM`` defaults to
-  ``xterm-256color``.
-- :meth:`ShellChannel.write` writes technician input to the master side, bounded by
-  ``input_timeout_s`` (a shell that stops reading gets ``TimeoutError``, never an unbounded
-  buffer); :meth:`ShellChannel.resize` sets the window size (TIOCSWINSZ on the master; the kernel
-  sends SIGWINCH to the foreground process group).
+  terminal is the PTY's slave side, in the working directory the client opened (the first
+  allowlist root, held as an fd like a command's: see ``terminal.open_cwd``). The initial window
+  size comes from ``shell.open``; ``TERM`` defaults to ``xterm-256color``; the environment is
+  ``child_environment()`` (no ``GT_AGENT_*``). On Linux the session and controlling terminal
+  are made by util-linux ``setsid --ctty`` exec'd in the child, so no Python code runs between
+  fork and exec (the agent has threads); without it (or with a ``setsid`` that is not
+  util-linux's) the fallback is ``start_new_session`` plus a ``preexec_fn`` doing TIOCSCTTY.
+- :meth:`ShellChannel.feed` queues technician input (at most ``input_buffer_bytes``; beyond it
+  it returns False and the client answers ``tunnel.error{agent_backpressure}``); the shell's own
+  writer task writes the queue to the master side, so a shell that stops reading stalls only
+  itself, never the connection's reader. :meth:`ShellChannel.resize` sets the window size
+  (TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground process group).
 - Output read from the master (pieces of at most ``chunk_bytes``, each send awaited) leaves as
   ``terminal.chunk`` (``stream: stdout``), numbered like any channel. When the shell exits the
   rest of its output drains (bounded by ``kill_grace_s``) and the channel ends with
@@ -22,18 +27,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
+import shutil
 import signal
 import struct
 import subprocess
+import sys
 import termios
-from pathlib import Path
+from collections import deque
+from typing import Any
 
 from gurutunnel_protocol.messages import ExitReason, OutputStream, ShellOpen
 
 from .output import ChannelOutput, Emit
-from .process import kill_tree, kill_tree_now
-from .terminal import exit_outcome, spawn_error_text
+from .process import Spawned, child_environment, kill_tree, kill_tree_now, spawn
+from .terminal import WorkDir, best_effort_exit, exit_outcome, spawn_error_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHELL = "/bin/sh"
 
@@ -49,6 +60,29 @@ def _acquire_controlling_terminal() -> None:  # pragma: no cover - runs in the c
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def find_setsid() -> str | None:
+    """util-linux ``setsid`` (it has ``--ctty``), if this is Linux and it is installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    found = shutil.which("setsid")
+    if found is None or os.path.basename(os.path.realpath(found)) != "setsid":
+        return None  # absent, or a multi-call binary (busybox) without --ctty
+    return found
+
+
+def shell_command(shell: str, setsid: str | None) -> tuple[list[str], dict[str, Any]]:
+    """The argv and spawn options that start ``shell`` with the PTY as controlling terminal."""
+    if setsid is not None:
+        # the forked child is never a process group leader, so setsid(1) calls setsid() itself
+        # without forking again (the pid stays the session leader's), makes stdin (the slave)
+        # the controlling terminal and execs the shell
+        return [setsid, "--ctty", shell, "-i"], {}
+    return [shell, "-i"], {
+        "start_new_session": True,
+        "preexec_fn": _acquire_controlling_terminal,
+    }
+
+
 class ShellChannel:
     """One PTY shell (see module docstring)."""
 
@@ -56,21 +90,24 @@ class ShellChannel:
         self,
         frame: ShellOpen,
         *,
-        cwd: Path,
+        cwd: WorkDir,
         chunk_bytes: int,
         kill_grace_s: float,
-        input_timeout_s: float,
+        input_buffer_bytes: int,
         emit: Emit,
     ) -> None:
         self.frame = frame
         self.cwd = cwd
         self.chunk_bytes = chunk_bytes
         self.kill_grace_s = kill_grace_s
-        self.input_timeout_s = input_timeout_s
+        self.input_buffer_bytes = input_buffer_bytes
         self.output = ChannelOutput(frame.session_id, frame.channel_id, emit)
         self.stdout_bytes = 0
+        self._input: deque[bytes] = deque()
+        self._input_bytes = 0
+        self._input_ready = asyncio.Event()
         self._master: int | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._spawned: Spawned | None = None
         self._spawn_error: str | None = None
         self._stop = asyncio.Event()
         self._stop_reason: ExitReason | None = None
@@ -78,50 +115,58 @@ class ShellChannel:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._spawned.pid if self._spawned is not None else None
 
     async def start(self) -> int | None:
         """Open the PTY and spawn the shell; its pid, or ``None`` (``run`` reports why)."""
         self._started_at = asyncio.get_running_loop().time()
         shell = os.environ.get("SHELL") or DEFAULT_SHELL
-        env = dict(os.environ)
+        env = child_environment()
         env.setdefault("TERM", "xterm-256color")
+        argv, options = shell_command(shell, find_setsid())
+        cwd = self.cwd.spawn_cwd()
         try:
             master, slave = os.openpty()
         except OSError as exc:
+            self.cwd.close()
             self._spawn_error = f"cannot open a pty: {exc.strerror or type(exc).__name__}"
             return None
         try:
             set_window_size(slave, cols=self.frame.cols, rows=self.frame.rows)
             os.set_blocking(master, False)
-            self._proc = await asyncio.create_subprocess_exec(
-                shell,
-                "-i",
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=self.cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_acquire_controlling_terminal,
+            self._spawned = await spawn(
+                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, **options
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             os.close(master)
-            self._spawn_error = spawn_error_text(exc, shell)
+            self._spawn_error = spawn_error_text(exc, argv[0], cwd)
             return None
         finally:
             # the child holds its copies; ours would keep the slave open after the shell ends
             os.close(slave)
+            self.cwd.close()
         self._master = master
-        return self._proc.pid
+        return self._spawned.pid
 
-    async def write(self, data: bytes) -> None:
-        """Write input to the shell; TimeoutError if it is not consumed in time."""
-        master = self._master
-        if master is None:
-            return
-        view = memoryview(data)
-        async with asyncio.timeout(self.input_timeout_s):
+    def feed(self, data: bytes) -> bool:
+        """Queue input for the shell; False (nothing queued) if the queue is full."""
+        if self._master is None:
+            return True  # not started or ending: its exit frame is on the way
+        if self._input_bytes + len(data) > self.input_buffer_bytes:
+            return False
+        self._input.append(data)
+        self._input_bytes += len(data)
+        self._input_ready.set()
+        return True
+
+    async def _writer(self, master: int) -> None:
+        """Write queued input to the master side, in order, as fast as the shell reads it."""
+        while True:
+            while not self._input:
+                self._input_ready.clear()
+                await self._input_ready.wait()
+            data = self._input[0]
+            view = memoryview(data)
             while view:
                 try:
                     written = os.write(master, view)
@@ -131,6 +176,8 @@ class ShellChannel:
                 except OSError:
                     return  # the shell side is gone; its exit frame follows
                 view = view[written:]
+            self._input.popleft()
+            self._input_bytes -= len(data)
 
     def resize(self, *, cols: int, rows: int) -> None:
         if self._master is not None:
@@ -143,15 +190,32 @@ class ShellChannel:
         self.output.open()
         self._stop.set()
 
+    @property
+    def stop_reason(self) -> ExitReason | None:
+        return self._stop_reason
+
     def kill_now(self) -> None:
-        if self._proc is not None:
-            kill_tree_now(self._proc)
+        if self._spawned is not None:
+            kill_tree_now(self._spawned)
+
+    async def abandon(self, reason: ExitReason) -> None:
+        """Best-effort exit frame for a channel whose task had to be cancelled (tree killed)."""
+        self.kill_now()
+        await best_effort_exit(
+            self.output,
+            self._stop_reason or reason,
+            exit_code=self._spawned.proc.returncode if self._spawned is not None else None,
+            duration_s=asyncio.get_running_loop().time() - self._started_at,
+            stdout_bytes=self.stdout_bytes,
+            stderr_bytes=0,
+            error="the channel did not end in time; its process tree was killed",
+        )
 
     async def run(self) -> None:
         """Stream the shell's output and end with one ``terminal.exit``."""
         loop = asyncio.get_running_loop()
-        proc, master = self._proc, self._master
-        if proc is None or master is None:
+        spawned, master = self._spawned, self._master
+        if spawned is None or master is None:
             await self.output.exit(
                 ExitReason.SPAWN_FAILED,
                 exit_code=None,
@@ -162,14 +226,34 @@ class ShellChannel:
             )
             return
         try:
-            killed_for = await self._supervise(proc, master)
+            killed_for = await self._supervise(spawned, master)
         except asyncio.CancelledError:
-            kill_tree_now(proc)
+            kill_tree_now(spawned)
+            raise
+        except Exception:
+            # a bug in supervising must not leave the shell running or the channel without end
+            log.exception("shell supervision failed", extra={"channel_id": self.frame.channel_id})
+            kill_tree_now(spawned)
+            await best_effort_exit(
+                self.output,
+                self._stop_reason or ExitReason.EXITED,
+                exit_code=spawned.proc.returncode,
+                duration_s=loop.time() - self._started_at,
+                stdout_bytes=self.stdout_bytes,
+                stderr_bytes=0,
+                error="the agent failed while supervising the shell; its tree was killed",
+            )
+            return
+        except BaseException:
+            kill_tree_now(spawned)
             raise
         finally:
+            # _supervise has cancelled the writer (and its add_writer) before the fd goes
             self._master = None
+            self._input.clear()
             os.close(master)
-        reason, exit_code = exit_outcome(killed_for, proc.returncode)
+            spawned.close()
+        reason, exit_code = exit_outcome(killed_for, spawned.proc.returncode)
         await self.output.exit(
             reason,
             exit_code=exit_code,
@@ -212,10 +296,11 @@ class ShellChannel:
             self.stdout_bytes += len(data)
             await self.output.chunk(OutputStream.STDOUT, data)
 
-    async def _supervise(self, proc: asyncio.subprocess.Process, master: int) -> ExitReason | None:
+    async def _supervise(self, spawned: Spawned, master: int) -> ExitReason | None:
         grace = self.kill_grace_s
         pump = asyncio.create_task(self._pump(master))
-        exited = asyncio.create_task(proc.wait())
+        writer = asyncio.create_task(self._writer(master))
+        exited = asyncio.create_task(spawned.exited.wait())
         stopping = asyncio.create_task(self._stop.wait())
         killed_for: ExitReason | None = None
         try:
@@ -226,17 +311,15 @@ class ShellChannel:
                 )
                 if not pump.done():
                     # background jobs keep the terminal open: end them with the group
-                    await kill_tree(proc, grace, first=signal.SIGHUP)
+                    await kill_tree(spawned, grace, first=signal.SIGHUP)
             else:
                 killed_for = self._stop_reason
                 # interactive shells ignore SIGTERM; SIGHUP is what a closed terminal sends
-                await kill_tree(proc, grace, first=signal.SIGHUP)
+                await kill_tree(spawned, grace, first=signal.SIGHUP)
             await asyncio.wait({pump}, timeout=grace)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await proc.wait()
+            await asyncio.wait({exited}, timeout=grace)
         finally:
-            for task in (pump, exited, stopping):
+            for task in (pump, writer, exited, stopping):
                 task.cancel()
-            await asyncio.gather(pump, exited, stopping, return_exceptions=True)
+            await asyncio.gather(pump, writer, exited, stopping, return_exceptions=True)
         return killed_for

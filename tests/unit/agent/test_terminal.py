@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
 
+from gurutunnel_agent.channels.process import child_environment
+from gurutunnel_agent.channels.shell import shell_command
 from gurutunnel_agent.channels.terminal import (
     OutputBudget,
     exit_outcome,
+    open_cwd,
+    open_dir,
     platform_argv,
     resolve_cwd,
     spawn_error_text,
@@ -96,14 +101,12 @@ def test_nonexistent_relative_or_file_cwd_is_refused(roots: tuple[Path, Path], c
         resolve_cwd(path, [allowed])
 
 
-def test_default_allowlist_is_home_and_temp_and_env_takes_json(
+def test_default_allowlist_is_home_only_and_env_takes_json(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Default roots are home and the temp dir; GT_AGENT_CWD_ALLOWLIST is a JSON list."""
-    import tempfile
-
+    """The default root is the home directory only (no temp dir); the env takes a JSON list."""
     settings = AgentSettings(gateway_url="ws://127.0.0.1:1/x", credential="c")
-    assert settings.cwd_allowlist == [Path.home(), Path(tempfile.gettempdir())]
+    assert settings.cwd_allowlist == [Path.home()]
     monkeypatch.setenv("GT_AGENT_CWD_ALLOWLIST", f'["{tmp_path}", "/srv"]')
     settings = AgentSettings(gateway_url="ws://127.0.0.1:1/x", credential="c")
     assert settings.cwd_allowlist == [tmp_path, Path("/srv")]
@@ -180,6 +183,67 @@ def test_exited_is_not_a_kill_reason() -> None:
 def test_spawn_errors_get_short_reasons(exc: OSError, text: str) -> None:
     """Spawn failures become one short line naming the program, never a traceback."""
     assert spawn_error_text(exc, "prog") == text
+
+
+def test_vanished_cwd_is_not_reported_as_command_not_found() -> None:
+    """A FileNotFoundError naming the working directory says so, not "command not found"."""
+    exc = FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/self/fd/7")
+    text = spawn_error_text(exc, "prog", "/proc/self/fd/7")
+    assert text == "working directory unavailable: No such file or directory"
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "prog")
+    assert spawn_error_text(missing, "prog", "/proc/self/fd/7") == "command not found: prog"
+
+
+def test_child_environment_drops_every_agent_variable() -> None:
+    """GT_AGENT_* (any case) never reaches a child; everything else does."""
+    base = {
+        "PATH": "/bin",
+        "GT_AGENT_CREDENTIAL": "secret",
+        "gt_agent_credential_file": "/x",
+        "GT_AGENT_CONFIG_FILE": "/c.toml",
+        "GT_OTHER": "kept",
+    }
+    assert child_environment(base) == {"PATH": "/bin", "GT_OTHER": "kept"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_component_swapped_for_a_symlink_after_the_check_is_refused(
+    roots: tuple[Path, Path],
+) -> None:
+    """resolve_cwd passes, then the directory becomes a symlink out: open_dir refuses it."""
+    allowed, outside = roots
+    work = allowed / "sub"
+    real = resolve_cwd(str(work), [allowed])
+    work.rename(allowed / "sub-old")
+    work.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CwdNotAllowed):
+        open_dir(real, [allowed])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_open_cwd_holds_the_directory_not_its_name(roots: tuple[Path, Path]) -> None:
+    """The held fd keeps pointing at the checked directory after a rename and symlink swap."""
+    allowed, outside = roots
+    workdir = open_cwd(str(allowed / "sub"), [allowed])
+    try:
+        assert workdir.fd is not None
+        (allowed / "sub").rename(allowed / "sub-old")
+        (allowed / "sub").symlink_to(outside, target_is_directory=True)
+        held = Path(os.readlink(workdir.spawn_cwd()))
+        assert held == (allowed / "sub-old").resolve()
+    finally:
+        workdir.close()
+    assert workdir.fd is None
+
+
+def test_shell_is_started_through_setsid_ctty_without_python_in_the_child() -> None:
+    """With util-linux setsid there is no preexec_fn; without it the fallback keeps one."""
+    argv, options = shell_command("/bin/sh", "/usr/bin/setsid")
+    assert argv == ["/usr/bin/setsid", "--ctty", "/bin/sh", "-i"]
+    assert options == {}
+    argv, options = shell_command("/bin/sh", None)
+    assert argv == ["/bin/sh", "-i"]
+    assert options["start_new_session"] is True and callable(options["preexec_fn"])
 
 
 def test_command_goes_through_the_shell_and_argv_does_not() -> None:

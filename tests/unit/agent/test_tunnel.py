@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from gurutunnel_agent.tunnel import (
     ChannelExists,
-    CwdNotAllowed,
     EndSession,
+    InvalidCommand,
     NoSuchChannel,
     NoSuchSession,
     ResizeShell,
@@ -21,6 +19,7 @@ from gurutunnel_agent.tunnel import (
     TunnelBusy,
     TunnelManager,
     TunnelMode,
+    check_command,
 )
 from gurutunnel_protocol import ErrorCode
 from gurutunnel_protocol.messages import (
@@ -51,19 +50,9 @@ def mode(tunnel: TunnelManager) -> TunnelMode:
     return tunnel.mode
 
 
-ALLOWED = Path("/allowed")
-
-
-def only_allowed(cwd: str | None) -> Path:
-    """A stand-in cwd policy: only /allowed (the real one is tested in test_terminal.py)."""
-    if cwd in (None, str(ALLOWED)):
-        return ALLOWED
-    raise CwdNotAllowed("outside")
-
-
 @pytest.fixture
 def tunnel() -> TunnelManager:
-    return TunnelManager(max_channels=3, resolve_cwd=only_allowed, shell_supported=True)
+    return TunnelManager(max_channels=3, shell_supported=True)
 
 
 @pytest.fixture
@@ -241,7 +230,7 @@ def test_handle_channel_open_and_close_answer_opened_and_closed(
             ErrorCode.NOT_IMPLEMENTED,
         ),
         (
-            Terminal(req_id="r", session_id="s1", channel_id="c9", command="ls", cwd="/nowhere"),
+            Terminal(req_id="r", session_id="s1", channel_id="c9", command="ls", cwd="rel/dir"),
             ErrorCode.CWD_NOT_ALLOWED,
         ),
         (
@@ -264,7 +253,7 @@ def test_handle_channel_open_and_close_answer_opened_and_closed(
         "data-other-session",
         "cancel-unknown-channel",
         "resize-not-a-shell",
-        "cwd-outside-allowlist",
+        "cwd-not-absolute",
         "nul-in-argv",
         "blank-command",
     ],
@@ -318,16 +307,18 @@ def test_handle_connection_level_frames_answer_nothing(
 
 
 def test_terminal_command_registers_channel_and_asks_to_start(open_tunnel: TunnelManager) -> None:
-    """terminal.command -> StartCommand with the resolved cwd; the channel is taken."""
-    frame = Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls")
-    assert open_tunnel.handle(frame) == [StartCommand(frame, ALLOWED)]
+    """terminal.command -> StartCommand with a registration token; the channel is taken."""
+    frame = Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls", cwd="/etc")
+    [start] = open_tunnel.handle(frame)
+    assert isinstance(start, StartCommand)
+    assert start.frame is frame
     assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
 
 
 def test_refused_command_takes_no_channel(open_tunnel: TunnelManager) -> None:
     """A command refused for its cwd leaves no channel behind (nothing runs)."""
     [answer] = open_tunnel.handle(
-        Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls", cwd="/etc")
+        Terminal(req_id="r", session_id="s1", channel_id="c1", command="ls", cwd="etc")
     )
     assert isinstance(answer, TunnelError)
     assert answer.code is ErrorCode.CWD_NOT_ALLOWED
@@ -336,8 +327,11 @@ def test_refused_command_takes_no_channel(open_tunnel: TunnelManager) -> None:
 
 def test_channel_limit_answers_too_many_channels(open_tunnel: TunnelManager) -> None:
     """Past max_channels a new command is too_many_channels; a released id frees a slot."""
-    for n in range(3):
-        open_tunnel.handle(Terminal(session_id="s1", channel_id=f"c{n}", command="true"))
+    starts = [
+        open_tunnel.handle(Terminal(session_id="s1", channel_id=f"c{n}", command="true"))[0]
+        for n in range(3)
+    ]
+    assert isinstance(starts[0], StartCommand)
     [answer] = open_tunnel.handle(
         Terminal(req_id="r", session_id="s1", channel_id="c3", command="x")
     )
@@ -345,35 +339,54 @@ def test_channel_limit_answers_too_many_channels(open_tunnel: TunnelManager) -> 
     assert (answer.code, answer.req_id) == (ErrorCode.TOO_MANY_CHANNELS, "r")
     with pytest.raises(TooManyChannels):
         open_tunnel.add_channel("c4", ChannelType.FILE)
-    assert open_tunnel.release_channel("s1", "c0") is True
-    assert open_tunnel.release_channel("s1", "c0") is False
+    assert open_tunnel.release_channel("s1", "c0", starts[0].token) is True
+    assert open_tunnel.release_channel("s1", "c0", starts[0].token) is False
     [start] = open_tunnel.handle(Terminal(session_id="s1", channel_id="c0", command="true"))
     assert isinstance(start, StartCommand)
 
 
 def test_release_of_a_closed_session_is_a_no_op(open_tunnel: TunnelManager) -> None:
     """A channel finishing after its session closed does not touch the next session."""
-    open_tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="true"))
+    [start] = open_tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="true"))
+    assert isinstance(start, StartCommand)
     open_tunnel.close_tunnel("s1")
     open_tunnel.open_tunnel("s2", "tech1")
     open_tunnel.add_channel("c1", ChannelType.TERMINAL)
-    assert open_tunnel.release_channel("s1", "c1") is False
+    assert open_tunnel.release_channel("s1", "c1", start.token) is False
     assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
 
 
-def test_without_a_cwd_policy_every_command_is_refused() -> None:
-    """A TunnelManager built without resolve_cwd refuses commands (safe default)."""
-    tunnel = TunnelManager()
-    tunnel.open_tunnel("s1", "t1")
-    [answer] = tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="ls"))
-    assert isinstance(answer, TunnelError)
-    assert answer.code is ErrorCode.CWD_NOT_ALLOWED
+def test_late_release_of_an_old_channel_keeps_a_newer_one_with_the_same_id(
+    open_tunnel: TunnelManager,
+) -> None:
+    """channel.close frees c1, a new c1 starts; the old one's late release leaves the new one."""
+    [old] = open_tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="sleep 9"))
+    assert isinstance(old, StartCommand)
+    open_tunnel.handle(ChannelClose(req_id="r", session_id="s1", channel_id="c1"))
+    [new] = open_tunnel.handle(Terminal(session_id="s1", channel_id="c1", command="true"))
+    assert isinstance(new, StartCommand)
+    assert open_tunnel.release_channel("s1", "c1", old.token) is False
+    assert open_tunnel.channels == {"c1": ChannelType.TERMINAL}
+    assert open_tunnel.release_channel("s1", "c1", new.token) is True
+    assert open_tunnel.channels == {}
+
+
+@pytest.mark.parametrize("program", ["run.bat", "C:\\tools\\RUN.CMD", "x.bat. ", "y.cmd."])
+def test_batch_file_as_argv0_is_invalid_command_on_windows(program: str) -> None:
+    """On Windows a .bat/.cmd argv[0] is refused invalid_command (cmd.exe would parse argv)."""
+    frame = Terminal(session_id="s1", channel_id="c1", argv=[program, "a&calc"])
+    with pytest.raises(InvalidCommand) as info:
+        check_command(frame, windows=True)
+    assert info.value.code is ErrorCode.INVALID_COMMAND
+    check_command(frame, windows=False)  # elsewhere it is just a file name
+    check_command(Terminal(session_id="s1", channel_id="c1", argv=["run.exe"]), windows=True)
 
 
 def test_shell_frames_become_actions(open_tunnel: TunnelManager) -> None:
     """shell.open -> StartShell; tunnel.data -> ShellInput; resize; cancel -> StopChannel."""
     frame = ShellOpen(req_id="r", session_id="s1", channel_id="sh", cols=100, rows=30)
-    assert open_tunnel.handle(frame) == [StartShell(frame, ALLOWED)]
+    [start] = open_tunnel.handle(frame)
+    assert isinstance(start, StartShell) and start.frame is frame
     assert open_tunnel.handle(TunnelData(session_id="s1", channel_id="sh", data=b"ls\n")) == [
         ShellInput("s1", "sh", b"ls\n")
     ]
@@ -387,7 +400,7 @@ def test_shell_frames_become_actions(open_tunnel: TunnelManager) -> None:
 
 def test_shell_where_unsupported_answers_not_implemented() -> None:
     """shell.open on an OS without PTY support -> not_implemented, no channel."""
-    tunnel = TunnelManager(resolve_cwd=only_allowed, shell_supported=False)
+    tunnel = TunnelManager(shell_supported=False)
     tunnel.open_tunnel("s1", "t1")
     [answer] = tunnel.handle(ShellOpen(req_id="r", session_id="s1", channel_id="sh"))
     assert isinstance(answer, TunnelError)

@@ -43,6 +43,20 @@ Contract:
   and its exit frame is sent on its behalf (best effort) before the answer. When the
   connection ends, every channel is ended (``session_closed``, trees killed) and nothing more
   is sent for it.
+- File transfers (``gurutunnel_agent.channels.files``): ``file.upload`` / ``file.download``
+  start an :class:`UploadChannel` / :class:`DownloadChannel` (``file_allowlist``, limits from
+  the ``file_*`` settings, built once) as one task of the connection running ``serve()``,
+  which answers the request itself (``file.ready`` or ``tunnel.error``; no
+  ``terminal.started``) and ends with exactly one ``file.done`` or ``file.failed``; the
+  channel is released in the tunnel when the task ends. ``file.chunk`` goes to the upload's
+  ``receive`` and ``file.ack`` to the download's ``ack`` (both non-blocking: the reader never
+  waits on a disk). Their filesystem work runs on the client's own bounded thread pool
+  (``max_channels`` threads, ``gurutunnel-files``), never the default executor that resolves
+  host names; preparing a transfer (resolve, open, hash) is bounded by
+  ``file_ack_timeout_s`` (``tunnel.error{agent_timeout}`` past it). ``file.cancel``,
+  ``channel.close`` and ``tunnel.close`` cancel the runtime (``file.failed{session_closed}``);
+  on socket loss every file runtime is cancelled (``connection lost``) and its task awaited
+  (bounded like the other channels), nothing more is sent.
 - Shell input (``tunnel.data``) is only queued by the reader (``ShellChannel.feed``); each shell
   writes its own queue, so a shell that stops reading cannot stall the reader, the other
   channels or ``tunnel.close``. A full queue answers ``tunnel.error{agent_backpressure}``.
@@ -83,6 +97,7 @@ from gurutunnel_protocol.messages import (
     Welcome,
 )
 
+from .channels.files import DownloadChannel, FileLimits, UploadChannel
 from .channels.output import Emit
 from .channels.shell import ShellChannel
 from .channels.terminal import CommandChannel, CommandLimits, WorkDir, open_cwd
@@ -98,10 +113,14 @@ from .tunnel import (
     Action,
     CwdNotAllowed,
     EndSession,
+    FileAcked,
+    FileData,
     ResizeShell,
     ShellInput,
     StartCommand,
+    StartDownload,
     StartShell,
+    StartUpload,
     StopChannel,
     TunnelManager,
     TunnelStateError,
@@ -180,8 +199,17 @@ class _Connection:
     """Running channels of this connection's session, by channel id."""
 
 
-Runtime = CommandChannel | ShellChannel
-"""The channel runtimes (both satisfy ``channels.ChannelRuntime``)."""
+FileRuntime = UploadChannel | DownloadChannel
+"""File transfer runtimes: no ``output`` (they end with ``file.done``/``file.failed``)."""
+Runtime = CommandChannel | ShellChannel | FileRuntime
+"""The channel runtimes (commands and shells satisfy ``channels.ChannelRuntime``)."""
+
+
+def _has_ended(runtime: Runtime) -> bool:
+    """Whether the runtime sent its one final frame (exit frame, file.done/failed)."""
+    if isinstance(runtime, UploadChannel | DownloadChannel):
+        return runtime.finished
+    return runtime.output.exited
 
 
 @dataclass
@@ -256,6 +284,19 @@ class AgentClient:
         # Working-directory checks are filesystem calls (a hung mount blocks them): off the
         # loop, on threads of their own so they cannot starve the default executor either.
         self._cwd_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gurutunnel-cwd")
+        # File transfers: the same reasoning; each transfer has at most one call in flight, so
+        # max_channels threads serve a full session while a hung disk cannot take more
+        self._file_executor = ThreadPoolExecutor(
+            max_workers=settings.max_channels, thread_name_prefix="gurutunnel-files"
+        )
+        self._file_limits = FileLimits(
+            max_file_bytes=settings.max_file_bytes,
+            chunk_bytes=settings.file_chunk_bytes,
+            window_bytes=settings.file_window_bytes,
+            ack_timeout_s=settings.file_ack_timeout_s,
+            fsync_every_bytes=settings.file_fsync_every_bytes,
+            prepare_timeout_s=settings.file_ack_timeout_s,
+        )
 
     def stop(self) -> None:
         """Ask ``run()`` to close the socket with code 1000 and return."""
@@ -279,6 +320,7 @@ class AgentClient:
             # with the call, or with the process)
             self._metrics_executor.shutdown(wait=False, cancel_futures=True)
             self._cwd_executor.shutdown(wait=False, cancel_futures=True)
+            self._file_executor.shutdown(wait=False, cancel_futures=True)
         log.info("agent stopped")
 
     def _reconnect_delay(self, conn: _Connection | None, backoff: Backoff) -> float:
@@ -427,6 +469,9 @@ class AgentClient:
                     await conn.heartbeat
             # the session cannot outlive its socket: kill what it started, send nothing more
             conn.alive = False
+            for running in conn.channels.values():
+                if isinstance(running.runtime, UploadChannel | DownloadChannel):
+                    running.runtime.cancel("connection lost")
             try:
                 await self._end_channels(conn, ExitReason.SESSION_CLOSED)
             except BaseException:
@@ -519,6 +564,16 @@ class AgentClient:
                                 error="the agent could not start the channel",
                             ),
                         )
+            case StartUpload() | StartDownload():
+                self._start_transfer(conn, action)
+            case FileData():
+                running = conn.channels.get(action.channel_id)
+                if running is not None and isinstance(running.runtime, UploadChannel):
+                    running.runtime.receive(action.frame)
+            case FileAcked():
+                running = conn.channels.get(action.channel_id)
+                if running is not None and isinstance(running.runtime, DownloadChannel):
+                    running.runtime.ack(action.offset)
             case StopChannel():
                 running = conn.channels.get(action.channel_id)
                 if running is not None and running.session_id == action.session_id:
@@ -647,6 +702,46 @@ class AgentClient:
         finally:
             runtime.output.open()
 
+    def _start_transfer(self, conn: _Connection, action: StartUpload | StartDownload) -> None:
+        """One task per transfer: ``serve()`` answers the request and ends the channel."""
+        frame = action.frame
+        runtime: FileRuntime
+        if isinstance(action, StartUpload):
+            runtime = UploadChannel(
+                action.frame,
+                self._emitter(conn),
+                file_allowlist=self.settings.file_allowlist,
+                limits=self._file_limits,
+                executor=self._file_executor,
+            )
+        else:
+            runtime = DownloadChannel(
+                action.frame,
+                self._emitter(conn),
+                file_allowlist=self.settings.file_allowlist,
+                limits=self._file_limits,
+                executor=self._file_executor,
+            )
+
+        async def serve() -> None:
+            try:
+                await runtime.serve()
+            finally:
+                self.tunnel.release_channel(frame.session_id, frame.channel_id, action.token)
+
+        task = asyncio.create_task(serve(), name=f"agent-file-{frame.channel_id}")
+        running = _Running(frame.session_id, frame.channel_id, action.token, runtime, task)
+        conn.channels[frame.channel_id] = running
+        task.add_done_callback(lambda _: self._channel_done(conn, running))
+        log.info(
+            "file transfer started",
+            extra={
+                "session_id": frame.session_id,
+                "channel_id": frame.channel_id,
+                "type": frame.type,
+            },
+        )
+
     def _launch(
         self, conn: _Connection, action: StartCommand | StartShell, runtime: Runtime
     ) -> None:
@@ -691,7 +786,7 @@ class AgentClient:
             log.warning("channels did not end in time; killed", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=1.0)
         for running in runnings:
-            if running.task in pending and not running.runtime.output.exited:
+            if running.task in pending and not _has_ended(running.runtime):
                 try:
                     async with asyncio.timeout(self.settings.send_timeout_s + 1.0):
                         await running.runtime.abandon(reason)

@@ -24,6 +24,17 @@ Contract:
   worker thread: a hung mount refuses the command instead of stalling the agent) and
   ``shell_input_buffer_bytes`` (``GT_AGENT_SHELL_INPUT_BUFFER_BYTES``, technician input queued
   per shell; beyond it input is refused with ``tunnel.error{agent_backpressure}``).
+- File transfer settings (``gurutunnel_agent.channels.files``): ``file_allowlist``
+  (``GT_AGENT_FILE_ALLOWLIST``, JSON list / TOML array of absolute directories a transfer may
+  touch, subdirectories included; default: the same as ``cwd_allowlist``, the home directory),
+  ``max_file_bytes`` (``GT_AGENT_MAX_FILE_BYTES``, 2 GiB, larger transfers are refused
+  ``file_too_large``), ``file_chunk_bytes`` (``GT_AGENT_FILE_CHUNK_BYTES``, 256 KiB, at most
+  512 KiB and small enough that a base64 chunk plus envelope fits ``max_frame_bytes``),
+  ``file_window_bytes`` (``GT_AGENT_FILE_WINDOW_BYTES``, 4 MiB, unacknowledged bytes in flight,
+  >= ``file_chunk_bytes``), ``file_ack_timeout_s`` (``GT_AGENT_FILE_ACK_TIMEOUT_S``, 30 s: a peer
+  silent that long fails the transfer ``agent_timeout``; also the bound on preparing a
+  transfer, which hashes the file on a worker thread) and ``file_fsync_every_bytes``
+  (``GT_AGENT_FILE_FSYNC_EVERY_BYTES``, 8 MiB between ``fdatasync`` calls of an upload).
 - Secrets: prefer ``credential_file`` (mode 0600) over ``GT_AGENT_CREDENTIAL``: a process's
   environment is readable by its owner and root through ``/proc/<pid>/environ`` for the life of
   the process. Whatever the source, no ``GT_AGENT_*`` variable (:data:`ENV_PREFIX`, matched
@@ -136,6 +147,22 @@ class AgentSettings(BaseSettings):
     shell_input_buffer_bytes: int = Field(default=1 << 20, ge=1024)
     """Technician input queued per shell; more is refused ``agent_backpressure``."""
 
+    file_allowlist: list[Path] = Field(
+        default_factory=lambda: _default_cwd_allowlist(), min_length=1
+    )
+    """Directories a file transfer may read or write (real paths, subdirectories included)."""
+    max_file_bytes: int = Field(default=2 * 1024**3, ge=0)
+    """Largest file uploaded or downloaded; larger is refused ``file_too_large``."""
+    file_chunk_bytes: int = Field(default=256 * 1024, ge=1, le=512 * 1024)
+    """Largest piece of a file in one ``file.chunk`` (announced in ``file.ready``)."""
+    file_window_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Unacknowledged bytes a transfer may have in flight (>= ``file_chunk_bytes``)."""
+    file_ack_timeout_s: float = Field(default=30.0, gt=0)
+    """A transfer whose peer is silent this long fails ``agent_timeout``; also bounds its
+    preparation (resolving, opening and hashing the file on a worker thread)."""
+    file_fsync_every_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    """An upload is flushed to disk (``fdatasync``) at least this often, and at the end."""
+
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @classmethod
@@ -172,7 +199,7 @@ class AgentSettings(BaseSettings):
                 raise ValueError(str(exc).split(": ", 1)[1]) from None
         return value
 
-    @field_validator("cwd_allowlist")
+    @field_validator("cwd_allowlist", "file_allowlist")
     @classmethod
     def _allowlist_is_absolute(cls, value: list[Path]) -> list[Path]:
         for entry in value:
@@ -189,6 +216,12 @@ class AgentSettings(BaseSettings):
         # a chunk travels base64-encoded (4/3) inside a JSON frame: it must fit the frame limit
         if self.chunk_bytes * 4 // 3 + 1024 > self.max_frame_bytes:
             raise ValueError("chunk_bytes is too large for max_frame_bytes (base64 + envelope)")
+        if self.file_chunk_bytes * 4 // 3 + 1024 > self.max_frame_bytes:
+            raise ValueError(
+                "file_chunk_bytes is too large for max_frame_bytes (base64 + envelope)"
+            )
+        if self.file_window_bytes < self.file_chunk_bytes:
+            raise ValueError("file_window_bytes must be >= file_chunk_bytes")
         if self.credential_file is not None:
             try:
                 self.read_credential()

@@ -33,6 +33,16 @@ Contract:
     answers ``channel.opened{shell}``. ``not_implemented`` where PTYs are unsupported.
   * ``terminal.cancel`` -> :class:`StopChannel` (``cancelled``, not awaited, no answer);
     ``tunnel.data`` on a shell -> :class:`ShellInput`; ``shell.resize`` -> :class:`ResizeShell`.
+  * ``file.upload`` / ``file.download``: the same checks as ``terminal.command`` (session held,
+    channel id unused, fewer than ``max_channels`` open) -> the channel is registered (type
+    ``file``, direction remembered) and :class:`StartUpload` / :class:`StartDownload`
+    returned; the client's file runtime answers the request itself (``file.ready`` or
+    ``tunnel.error``). ``file.chunk`` -> :class:`FileData` only on an open upload channel,
+    ``file.ack`` -> :class:`FileAcked` only on an open download channel; anything else (a
+    late frame of a finished transfer, the wrong direction, another session) is dropped
+    without an answer. ``file.cancel`` on an open file channel -> :class:`StopChannel`
+    (``cancelled``, not awaited, no answer; the runtime ends with ``file.failed
+    {session_closed}``), else dropped.
   * ``channel.close`` -> :class:`StopChannel` (awaited) then ``channel.closed``;
     ``tunnel.close`` -> :class:`EndSession` (every channel ends ``session_closed``, its process
     tree killed) then ``tunnel.closed``.
@@ -153,6 +163,40 @@ class StartShell:
 
 
 @dataclass(frozen=True)
+class StartUpload:
+    """Run an upload channel for ``frame`` (it answers ``file.ready`` or ``tunnel.error``)."""
+
+    frame: FileUpload
+    token: int
+
+
+@dataclass(frozen=True)
+class StartDownload:
+    """Run a download channel for ``frame`` (it answers ``file.ready`` or ``tunnel.error``)."""
+
+    frame: FileDownload
+    token: int
+
+
+@dataclass(frozen=True)
+class FileData:
+    """Hand an upload's ``file.chunk`` to its channel."""
+
+    session_id: str
+    channel_id: str
+    frame: FileChunk
+
+
+@dataclass(frozen=True)
+class FileAcked:
+    """The server acknowledged a download's bytes before ``offset``."""
+
+    session_id: str
+    channel_id: str
+    offset: int
+
+
+@dataclass(frozen=True)
 class StopChannel:
     """Kill the channel's process tree; it ends with ``reason``. ``wait``: before going on."""
 
@@ -184,8 +228,35 @@ class EndSession:
     session_id: str
 
 
-Action = StartCommand | StartShell | StopChannel | ShellInput | ResizeShell | EndSession
-ACTION_TYPES = (StartCommand, StartShell, StopChannel, ShellInput, ResizeShell, EndSession)
+Action = (
+    StartCommand
+    | StartShell
+    | StartUpload
+    | StartDownload
+    | FileData
+    | FileAcked
+    | StopChannel
+    | ShellInput
+    | ResizeShell
+    | EndSession
+)
+ACTION_TYPES = (
+    StartCommand,
+    StartShell,
+    StartUpload,
+    StartDownload,
+    FileData,
+    FileAcked,
+    StopChannel,
+    ShellInput,
+    ResizeShell,
+    EndSession,
+)
+
+
+class TransferDirection(StrEnum):
+    UPLOAD = "upload"
+    DOWNLOAD = "download"
 
 
 _WINDOWS_BATCH_SUFFIXES = (".bat", ".cmd")
@@ -230,6 +301,8 @@ class TunnelManager:
         self._tech_id: str | None = None
         self._channels: dict[str, ChannelType] = {}
         self._tokens: dict[str, int] = {}
+        self._transfers: dict[str, TransferDirection] = {}
+        """Direction of each open file-transfer channel."""
         self._last_token = 0
         self.max_channels = max_channels
         self.shell_supported = shell_supported
@@ -263,6 +336,7 @@ class TunnelManager:
         self._tech_id = tech_id
         self._channels.clear()
         self._tokens.clear()
+        self._transfers.clear()
 
     def close_tunnel(self, session_id: str) -> None:
         """Leave tunnel mode; :class:`NoSuchSession` unless ``session_id`` is the open one."""
@@ -289,6 +363,7 @@ class TunnelManager:
             return False
         del self._channels[channel_id]
         del self._tokens[channel_id]
+        self._transfers.pop(channel_id, None)
         return True
 
     def _check_free(self, channel_id: str) -> None:
@@ -303,6 +378,7 @@ class TunnelManager:
             raise NoSuchChannel(f"channel {channel_id} is not open")
         del self._channels[channel_id]
         del self._tokens[channel_id]
+        self._transfers.pop(channel_id, None)
 
     def force_close(self) -> str | None:
         """Drop session and channels (the socket is gone); returns the dropped session id."""
@@ -315,6 +391,7 @@ class TunnelManager:
         self._tech_id = None
         self._channels.clear()
         self._tokens.clear()
+        self._transfers.clear()
 
     def _require_session(self, session_id: str) -> None:
         if self._session_id is None:
@@ -333,10 +410,9 @@ class TunnelManager:
         """What to send and do for ``frame``, in order (empty for connection-level frames)."""
         if isinstance(frame, Welcome | ErrorFrame | Reconnect):
             return []
+        if isinstance(frame, FileChunk | FileAck | FileCancel):
+            return self._transfer_frame(frame)
         try:
-            if isinstance(frame, FileUpload | FileDownload | FileChunk | FileAck | FileCancel):
-                # file transfer frames exist in the protocol; this agent does not serve them yet
-                raise NotImplementedYet(f"{frame.type} is not supported by this agent")
             return self._dispatch(frame)
         except TunnelStateError as exc:
             return [
@@ -360,7 +436,9 @@ class TunnelManager:
         | Terminal
         | TerminalCancel
         | ShellOpen
-        | ShellResize,
+        | ShellResize
+        | FileUpload
+        | FileDownload,
     ) -> list[AgentToServer | Action]:
         match frame:
             case TunnelOpen():
@@ -403,6 +481,15 @@ class TunnelManager:
                 self._check_free(frame.channel_id)
                 check_command(frame)
                 return [StartCommand(frame, self._register(frame.channel_id, ChannelType.TERMINAL))]
+            case FileUpload() | FileDownload():
+                self._require_session(frame.session_id)
+                self._check_free(frame.channel_id)
+                token = self._register(frame.channel_id, ChannelType.FILE)
+                if isinstance(frame, FileUpload):
+                    self._transfers[frame.channel_id] = TransferDirection.UPLOAD
+                    return [StartUpload(frame, token)]
+                self._transfers[frame.channel_id] = TransferDirection.DOWNLOAD
+                return [StartDownload(frame, token)]
             case ShellOpen():
                 self._require_session(frame.session_id)
                 self._check_free(frame.channel_id)
@@ -422,6 +509,26 @@ class TunnelManager:
             case ShellResize():
                 self._require_shell(frame.session_id, frame.channel_id, frame.type)
                 return [ResizeShell(frame.session_id, frame.channel_id, frame.cols, frame.rows)]
+
+    def _transfer_frame(
+        self, frame: FileChunk | FileAck | FileCancel
+    ) -> list[AgentToServer | Action]:
+        """A frame of a running transfer; dropped unless its channel is open and of its kind."""
+        if frame.session_id != self._session_id:
+            return []
+        direction = self._transfers.get(frame.channel_id)
+        match frame:
+            case FileChunk() if direction is TransferDirection.UPLOAD:
+                return [FileData(frame.session_id, frame.channel_id, frame)]
+            case FileAck() if direction is TransferDirection.DOWNLOAD:
+                return [FileAcked(frame.session_id, frame.channel_id, frame.offset)]
+            case FileCancel() if direction is not None:
+                return [
+                    StopChannel(
+                        frame.session_id, frame.channel_id, ExitReason.CANCELLED, wait=False
+                    )
+                ]
+        return []
 
     def _require_running(self, session_id: str, channel_id: str, what: str) -> None:
         self._require_channel(session_id, channel_id)

@@ -2,7 +2,8 @@
 
 The seam: :class:`gurutunnel_agent.tunnel.TunnelManager` (sans-I/O) owns which channels exist
 and validates every request; it returns actions (``StartCommand``, ``StartShell``,
-``StopChannel``, ``ShellInput``, ``ResizeShell``, ``EndSession``) that
+``StartUpload``, ``StartDownload``, ``FileData``, ``FileAcked``, ``StopChannel``, ``ShellInput``,
+``ResizeShell``, ``EndSession``) that
 :class:`gurutunnel_agent.client.AgentClient` carries out with the runtimes here, one task per
 channel, owned by the connection:
 
@@ -10,8 +11,11 @@ channel, owned by the connection:
 - :mod:`.shell`: an interactive PTY (``shell.open``), POSIX only.
 - :mod:`.output`: numbered chunks and the one exit frame of a channel.
 - :mod:`.process`: killing a process tree per OS.
+- :mod:`.files`: upload and download runtimes (``file.*``), acknowledged, resumable, verified.
 
-Every runtime satisfies :class:`ChannelRuntime`.
+Command and shell runtimes satisfy :class:`ChannelRuntime`. File runtimes share its stop
+vocabulary (``request_stop``, ``kill_now``, ``pid`` None, ``abandon``) but have no ``output``:
+they end with ``file.done`` / ``file.failed`` and answer their request themselves.
 """
 
 from __future__ import annotations

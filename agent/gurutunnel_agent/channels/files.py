@@ -21,7 +21,13 @@ Contract (the wire side is ``gurutunnel_protocol.messages.files`` and docs/proto
   injected ``send`` (the client's one serialized send path); if it raises, the runtime stops
   sending and ends quietly.
 - Blocking filesystem work (resolve, open, hash, read, write, fsync, rename) runs in a worker
-  thread; a descriptor is closed only when no worker call still uses it.
+  thread (of the injected ``executor``, else the loop's default one); a descriptor is closed
+  only when no worker call still uses it. ``start()``'s preparation (resolve, open, resume
+  re-hash, download hash) is bounded by ``FileLimits.prepare_timeout_s`` when set: past it the
+  request is answered ``tunnel.error{agent_timeout}`` and a thread still hung in the filesystem
+  releases its descriptors when it returns.
+- ``abandon(reason)`` sends the one final frame on behalf of a task the client had to cancel
+  (best effort; nothing if one was sent already).
 - **Upload** (:class:`UploadChannel`): ``size <= max_file_bytes``; the target must not exist
   unless ``overwrite``. Bytes go to ``<dir>/.<name>.gtpart-<sha256[:16]>`` (``O_CREAT |
   O_NOFOLLOW``, mode 0600, ``flock``-ed so two uploads of the same content to the same path never
@@ -92,6 +98,7 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
@@ -156,6 +163,8 @@ class FileLimits:
     window_bytes: int = 4 * MIB
     ack_timeout_s: float = 30.0
     fsync_every_bytes: int = 8 * MIB
+    prepare_timeout_s: float | None = None
+    """Bound on ``start()``'s filesystem work (None: unbounded)."""
 
     def __post_init__(self) -> None:
         if self.max_file_bytes < 0:
@@ -168,6 +177,8 @@ class FileLimits:
             raise ValueError("ack_timeout_s must be > 0")
         if self.fsync_every_bytes <= 0:
             raise ValueError("fsync_every_bytes must be > 0")
+        if self.prepare_timeout_s is not None and self.prepare_timeout_s <= 0:
+            raise ValueError("prepare_timeout_s must be > 0")
 
 
 class FileTransferError(Exception):
@@ -254,12 +265,15 @@ def partial_name(name: str, sha256: str) -> str:
 class _Worker:
     """Blocking calls in a worker thread; descriptors are released only when none runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, executor: Executor | None = None) -> None:
         self.abort = threading.Event()
+        self._executor = executor
         self._inflight: asyncio.Future[Any] | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        fut: asyncio.Future[T] = asyncio.get_running_loop().run_in_executor(
+            self._executor, fn, *args
+        )
         self._inflight = fut
         # shielded: a cancelled caller must not free a descriptor the thread still uses
         return await asyncio.shield(fut)
@@ -334,6 +348,7 @@ class _FileChannel:
         *,
         file_allowlist: Sequence[Path] | None,
         limits: FileLimits,
+        executor: Executor | None = None,
     ) -> None:
         self.frame = frame
         self.session_id = frame.session_id
@@ -345,7 +360,7 @@ class _FileChannel:
         self.result: FileDone | FileFailed | TunnelError | None = None
         """The frame that ended the transfer (``tunnel.error`` if it never became ready)."""
         self._send = send
-        self._worker = _Worker()
+        self._worker = _Worker(executor)
         self._broken = False
         self._ready = False
         self._stop: tuple[ErrorCode, str] | None = None
@@ -387,6 +402,40 @@ class _FileChannel:
 
     async def start(self) -> bool:
         raise NotImplementedError
+
+    async def abandon(self, reason: ExitReason) -> None:
+        """The final frame on behalf of a task that was cancelled (best effort, at most one)."""
+        self.cancel(reason.value)
+        self._release()
+        if self.result is not None:
+            return
+        if not self._ready:
+            await self._refuse_request(ErrorCode.SESSION_CLOSED, self._stop_message())
+        else:
+            await self._fail(ErrorCode.SESSION_CLOSED, self._stop_message(), self._kept_offset())
+
+    def _stop_message(self) -> str:
+        return self._stop[1] if self._stop is not None else "transfer cancelled"
+
+    def _kept_offset(self) -> int:
+        """The offset a ``file.failed`` reports (see module docstring)."""
+        raise NotImplementedError
+
+    async def _prepare_bounded(self, prepare: Callable[[], None]) -> None:
+        """``prepare`` in the worker, bounded by ``prepare_timeout_s`` (agent_timeout)."""
+        bound = self.limits.prepare_timeout_s
+        if bound is None:
+            await self._worker.call(prepare)
+            return
+        try:
+            async with asyncio.timeout(bound):
+                await self._worker.call(prepare)
+        except TimeoutError:
+            # the thread goes on (it cannot be interrupted); _release closes its descriptors
+            # once it returns, and the abort flag stops a hash between blocks
+            raise FileTransferError(
+                ErrorCode.AGENT_TIMEOUT, f"the file could not be prepared within {bound:g} s"
+            ) from None
 
     async def run(self) -> None:
         raise NotImplementedError
@@ -473,8 +522,11 @@ class UploadChannel(_FileChannel):
         *,
         file_allowlist: Sequence[Path] | None = None,
         limits: FileLimits = FileLimits(),
+        executor: Executor | None = None,
     ) -> None:
-        super().__init__(frame, send, file_allowlist=file_allowlist, limits=limits)
+        super().__init__(
+            frame, send, file_allowlist=file_allowlist, limits=limits, executor=executor
+        )
         self._queue: deque[bytes] = deque()
         self._received_end = 0
         """End of the bytes accepted (queued or written)."""
@@ -489,6 +541,9 @@ class UploadChannel(_FileChannel):
         """Bytes written to the partial file."""
         return self._written
 
+    def _kept_offset(self) -> int:
+        return self._synced
+
     async def start(self) -> bool:
         """Answer ``file.ready`` (resume offset) or ``tunnel.error``; True when ready."""
         if not FILES_SUPPORTED:
@@ -501,7 +556,7 @@ class UploadChannel(_FileChannel):
                 f"the file is larger than the agent's limit of {self.limits.max_file_bytes} bytes",
             )
         try:
-            await self._worker.call(self._prepare)
+            await self._prepare_bounded(self._prepare)
         except FileTransferError as exc:
             return await self._refuse_request(exc.code, exc.message)
         except _Aborted:
@@ -748,8 +803,11 @@ class DownloadChannel(_FileChannel):
         *,
         file_allowlist: Sequence[Path] | None = None,
         limits: FileLimits = FileLimits(),
+        executor: Executor | None = None,
     ) -> None:
-        super().__init__(frame, send, file_allowlist=file_allowlist, limits=limits)
+        super().__init__(
+            frame, send, file_allowlist=file_allowlist, limits=limits, executor=executor
+        )
         self.size = 0
         self.sha256 = ""
         self._hasher = hashlib.sha256()
@@ -760,6 +818,9 @@ class DownloadChannel(_FileChannel):
 
     @property
     def acked(self) -> int:
+        return self._acked
+
+    def _kept_offset(self) -> int:
         return self._acked
 
     def ack(self, offset: int) -> None:
@@ -777,7 +838,7 @@ class DownloadChannel(_FileChannel):
                 ErrorCode.NOT_IMPLEMENTED, "file transfers are not supported on this platform"
             )
         try:
-            await self._worker.call(self._prepare)
+            await self._prepare_bounded(self._prepare)
         except FileTransferError as exc:
             return await self._refuse_request(exc.code, exc.message)
         except _Aborted:

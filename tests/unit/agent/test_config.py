@@ -128,3 +128,64 @@ def test_unreadable_credential_file_fails_at_load(tmp_path: Path) -> None:
     """A credential file that does not exist at start is a configuration error."""
     with pytest.raises(ValidationError, match="credential_file"):
         AgentSettings(gateway_url=URL, credential_file=tmp_path / "missing")
+
+
+def test_file_transfer_settings_default_as_documented() -> None:
+    """file_* settings default to the home allowlist, 2 GiB, 256 KiB, 4 MiB, 30 s, 8 MiB."""
+    s = AgentSettings(gateway_url=URL, credential="a")
+    assert s.file_allowlist == s.cwd_allowlist == [Path.home()]
+    assert (s.max_file_bytes, s.file_chunk_bytes, s.file_window_bytes) == (
+        2 * 1024**3,
+        256 * 1024,
+        4 * 1024 * 1024,
+    )
+    assert (s.file_ack_timeout_s, s.file_fsync_every_bytes) == (30, 8 * 1024 * 1024)
+
+
+def test_file_allowlist_and_limits_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GT_AGENT_FILE_ALLOWLIST (JSON list) and GT_AGENT_MAX_FILE_BYTES etc. are read."""
+    monkeypatch.setenv("GT_AGENT_GATEWAY_URL", URL)
+    monkeypatch.setenv("GT_AGENT_CREDENTIAL", "tok")
+    monkeypatch.setenv("GT_AGENT_FILE_ALLOWLIST", f'["{tmp_path}"]')
+    monkeypatch.setenv("GT_AGENT_MAX_FILE_BYTES", "1000")
+    monkeypatch.setenv("GT_AGENT_FILE_WINDOW_BYTES", "524288")
+    monkeypatch.setenv("GT_AGENT_FILE_ACK_TIMEOUT_S", "1.5")
+    s = load_settings()
+    assert s.file_allowlist == [tmp_path]
+    assert (s.max_file_bytes, s.file_window_bytes, s.file_ack_timeout_s) == (1000, 524288, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"file_allowlist": []}, "at least 1"),
+        ({"file_allowlist": ["relative/dir"]}, "absolute path"),
+        ({"file_chunk_bytes": 512 * 1024 + 1}, "less than or equal to 524288"),
+        ({"file_chunk_bytes": 0}, "greater than or equal to 1"),
+        ({"file_chunk_bytes": 64 * 1024, "max_frame_bytes": 64 * 1024}, "file_chunk_bytes"),
+        ({"file_window_bytes": 1024, "file_chunk_bytes": 2048}, "file_window_bytes"),
+        ({"file_ack_timeout_s": 0}, "greater than 0"),
+        ({"max_file_bytes": -1}, "greater than or equal to 0"),
+        ({"file_fsync_every_bytes": 0}, "greater than or equal to 1"),
+    ],
+    ids=[
+        "empty-allowlist",
+        "relative-allowlist",
+        "chunk-above-512k",
+        "chunk-zero",
+        "chunk-too-large-for-frame",
+        "window-below-chunk",
+        "ack-timeout-zero",
+        "negative-max-file",
+        "fsync-zero",
+    ],
+)
+def test_bad_file_settings_are_refused_with_a_clear_message(
+    values: dict[str, Any], fragment: str
+) -> None:
+    """Each bad file_* setting fails validation with a message naming the problem."""
+    with pytest.raises(ValidationError) as info:
+        AgentSettings(gateway_url=URL, credential="a", **values)
+    assert fragment in summarize_validation_error(info.value)

@@ -1,13 +1,15 @@
 """``gurutunnel``: the technician's command line (typer + rich).
 
 Commands: ``login``, ``agents``, ``sessions``, ``open``, ``close``, ``status``, ``exec``,
-``shell``. Settings come from the environment only when a command runs (``GT_CLI_API_URL``,
-``GT_CLI_TOKEN``, ``XDG_CONFIG_HOME``; see ``credentials``).
+``shell``, ``put``, ``get``. Settings come from the environment only when a command runs
+(``GT_CLI_API_URL``, ``GT_CLI_TOKEN``, ``XDG_CONFIG_HOME``; see ``credentials``).
 
 Exit codes: 0 success; 1 an API error (``gurutunnel: <code>: <message>`` on stderr) or a
 network error (naming the URL); 2 bad usage; 3 no valid token ("run gurutunnel login");
 ``exec`` and ``shell`` exit with the remote command's code (timeout 124, cancelled 130,
-spawn_failed 127, session_closed 255, killed by signal N 128+N). Never a traceback.
+spawn_failed 127, session_closed 255, killed by signal N 128+N); ``put``/``get`` print
+``<path> <size> <sha256>`` on stdout (progress bars on stderr) and exit 130 on Ctrl-C, saying
+what was kept for a resume. Never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -26,6 +29,7 @@ from rich.console import Console
 from . import credentials, render
 from .client import ApiClient
 from .errors import EXIT_CANCELLED, CliError
+from .files import FileTransfer, TransferProgress
 from .remote_exec import ExecRequest, ExecRunner
 from .shell import LocalTerminal, run_shell
 
@@ -55,15 +59,21 @@ def _stderr(text: str) -> None:
     sys.stderr.flush()
 
 
-def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run one command's coroutine; any ``CliError`` becomes one stderr line and its exit code."""
+def _run(
+    work: Callable[[], Coroutine[Any, Any, T]],
+    on_interrupt: Callable[[], str] | None = None,
+) -> T:
+    """Run one command's coroutine; any ``CliError`` becomes one stderr line and its exit code.
+
+    Ctrl-C prints ``on_interrupt()`` (what the command left behind) or just "interrupted".
+    """
     try:
         return asyncio.run(work())
     except CliError as exc:
         _stderr(exc.render())
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        _stderr("gurutunnel: interrupted")
+        _stderr(f"gurutunnel: {on_interrupt() if on_interrupt else 'interrupted'}")
         raise typer.Exit(EXIT_CANCELLED) from None
 
 
@@ -218,3 +228,51 @@ def shell(session_id: Annotated[str, typer.Argument(help="The session's id.")]) 
             return await run_shell(client, session_id, LocalTerminal())
 
     raise typer.Exit(_run(work))
+
+
+# ---------------------------------------------------------------------------- put, get
+OverwriteFlag = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the destination if it exists.")
+]
+
+
+def _transfer(session_id: str) -> FileTransfer:
+    return FileTransfer(session_id, TransferProgress(Console(stderr=True)), _stderr)
+
+
+@app.command()
+def put(
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    local_path: Annotated[Path, typer.Argument(help="The local file to upload.")],
+    remote_path: Annotated[str, typer.Argument(help="Absolute path on the agent.")],
+    overwrite: OverwriteFlag = False,
+) -> None:
+    """Upload a file, SHA-256 verified; after an interruption the same command resumes it."""
+    transfer = _transfer(session_id)
+
+    async def work() -> str:
+        async with _client() as client:
+            result = await transfer.put(client, local_path, remote_path, overwrite=overwrite)
+        return result.line()
+
+    line = _run(work, transfer.interrupted_message)
+    sys.stdout.write(f"{line}\n")
+
+
+@app.command()
+def get(
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    remote_path: Annotated[str, typer.Argument(help="Absolute path on the agent.")],
+    local_path: Annotated[Path, typer.Argument(help="Where to write it (via LOCAL_PATH.gtpart).")],
+    overwrite: OverwriteFlag = False,
+) -> None:
+    """Download a file, SHA-256 verified; after an interruption the same command resumes it."""
+    transfer = _transfer(session_id)
+
+    async def work() -> str:
+        async with _client() as client:
+            result = await transfer.get(client, remote_path, local_path, overwrite=overwrite)
+        return result.line()
+
+    line = _run(work, transfer.interrupted_message)
+    sys.stdout.write(f"{line}\n")

@@ -18,6 +18,17 @@ Contract:
   ``Subjects.revocation_bucket`` (created when missing).
 - Every ``BusError`` carries ``.code`` (an ``ErrorCode``): the one key of the failure table in
   :mod:`.errors`.
+- ``subscribe_session(session_id)`` subscribes to ``session.<id>.up`` (awaited, flushed: call
+  it BEFORE sending the request whose output it must see) and returns a
+  :class:`SessionSubscription`: an async iterator of ``SessionUp`` frames and
+  :class:`FramesDropped` markers, closed with ``close()`` (or ``async with``). It is bounded by
+  ``session_sub_pending_msgs`` / ``session_sub_pending_bytes``: when the reader falls behind,
+  NATS drops frames (a slow consumer, reported through the error callback) instead of blocking
+  the connection, and the iterator yields ``FramesDropped`` at once; the per-channel ``seq``
+  of later frames shows exactly which ones. Undecodable frames are logged and skipped.
+- ``publish_session_down(session_id, frame)`` publishes technician input (``tunnel.data``,
+  ``terminal.cancel``, ``shell.resize``, ``channel.close``) on ``session.<id>.down``; raises
+  ``BusUnavailable`` when NATS is not connected.
 - ``start()`` raises only ``BusUnavailable`` (connect, stream, consumer and subscriptions).
 - Consumers: presence events come from the durable pull consumer ``Subjects.presence_consumer``
   on the stream ``Subjects.presence_stream`` (created idempotently with the parameters of
@@ -43,16 +54,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -70,6 +82,7 @@ from gurutunnel_protocol.envelope import (
     decode_command_result,
     decode_gateway_heartbeat,
     decode_presence,
+    decode_session_up,
     encode,
 )
 from gurutunnel_protocol.messages import (
@@ -80,7 +93,11 @@ from gurutunnel_protocol.messages import (
     CommandReply,
     GatewayHeartbeat,
     PresenceEvent,
+    SessionUp,
+    ShellOpen,
+    ShellResize,
     Terminal,
+    TerminalCancel,
     TunnelClose,
     TunnelData,
     TunnelOpen,
@@ -95,8 +112,10 @@ from .config import ApiSettings
 log = logging.getLogger(__name__)
 
 CommandFrame: TypeAlias = (
-    TunnelOpen | TunnelClose | TunnelData | ChannelOpen | ChannelClose | Terminal
+    TunnelOpen | TunnelClose | TunnelData | ChannelOpen | ChannelClose | Terminal | ShellOpen
 )
+DownFrame: TypeAlias = TunnelData | TerminalCancel | ShellResize | ChannelClose
+"""Technician input published on ``session.<id>.down`` (``SESSION_DOWN_TYPES``)."""
 
 # JetStream API error code for "stream name already in use with a different configuration"
 _STREAM_EXISTS_DIFFERENT = 10058
@@ -136,6 +155,125 @@ class AgentRefused(BusError):
 
 
 @dataclass(frozen=True, slots=True)
+class FramesDropped:
+    """Marker in a session subscription: NATS dropped frames because the reader fell behind."""
+
+    count: int
+
+
+class SessionSubscription(Protocol):
+    """Frames of one session's up subject, in arrival order (see the module contract)."""
+
+    async def next(self, timeout_s: float | None) -> SessionUp | FramesDropped | None:
+        """The next item, or None when ``timeout_s`` passed first; ``BusUnavailable`` once the
+        subscription or the connection is closed."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[SessionUp | FramesDropped]: ...
+
+    async def close(self) -> None: ...
+
+
+class _NatsSessionSubscription:
+    """A bounded core-NATS subscription on ``session.<id>.up`` read without a callback.
+
+    One ``next_msg`` task stays pending across timeouts (cancelling it could lose a message
+    taken from the queue but not yet returned); it is cancelled only by ``close``.
+    """
+
+    def __init__(self, sub: Subscription, session_id: str, on_close: Callable[[], object]) -> None:
+        self._sub = sub
+        self._on_close = on_close
+        self._session_id = session_id
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._getter: asyncio.Future[Msg] | None = None
+
+    def note_dropped(self) -> None:
+        """Called from the error callback for each frame NATS dropped (slow consumer)."""
+        self._dropped += 1
+        self._wake.set()
+
+    async def next(self, timeout_s: float | None) -> SessionUp | FramesDropped | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if self._dropped:
+                count, self._dropped = self._dropped, 0
+                return FramesDropped(count)
+            if self._closed:
+                raise BusUnavailable("session subscription closed")
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return None
+            if self._getter is None:
+                self._getter = asyncio.ensure_future(self._sub.next_msg(timeout=None))
+            self._wake.clear()
+            waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+            waiting: set[asyncio.Future[Any]] = {self._getter, waker}
+            try:
+                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
+            getter = self._getter
+            if getter is None or not getter.done():
+                continue
+            self._getter = None
+            try:
+                msg = getter.result()
+            except (asyncio.CancelledError, nats.errors.Error):
+                self._closed = True
+                raise BusUnavailable("session subscription ended") from None
+            try:
+                up = decode_session_up(msg.data)
+            except ProtocolError as exc:
+                log.warning(
+                    "session frame refused",
+                    extra={"session_id": self._session_id, "code": exc.code, "error": exc.message},
+                )
+                continue
+            if up.session_id != self._session_id:
+                log.warning(
+                    "session frame names another session", extra={"session_id": up.session_id}
+                )
+                continue
+            return up
+
+    def __aiter__(self) -> AsyncIterator[SessionUp | FramesDropped]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[SessionUp | FramesDropped]:
+        while True:
+            try:
+                item = await self.next(None)
+            except BusUnavailable:
+                return
+            if item is not None:
+                yield item
+
+    async def close(self) -> None:
+        if self._closed and self._getter is None:
+            return
+        self._closed = True
+        self._wake.set()
+        self._on_close()
+        if self._getter is not None:
+            self._getter.cancel()
+            with contextlib.suppress(BaseException):
+                await self._getter
+            self._getter = None
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
+
+    async def __aenter__(self) -> _NatsSessionSubscription:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+
+@dataclass(frozen=True, slots=True)
 class BusHandlers:
     """What the API does with each kind of inbound event (all must be idempotent)."""
 
@@ -159,6 +297,10 @@ class Bus(Protocol):
 
     async def publish_revocation(self, agent_id: str, not_before: datetime) -> None: ...
 
+    async def subscribe_session(self, session_id: str) -> SessionSubscription: ...
+
+    async def publish_session_down(self, session_id: str, frame: DownFrame) -> None: ...
+
 
 class NatsBus:
     """The real bus on one NATS connection."""
@@ -175,6 +317,7 @@ class NatsBus:
         self._psub: JetStreamContext.PullSubscription | None = None
         self._presence_healthy = False
         self._closing = False
+        self._session_subs: dict[int, _NatsSessionSubscription] = {}
 
     # lifecycle
 
@@ -296,6 +439,38 @@ class NatsBus:
         if result.agent_id != agent_id:
             raise AgentRefused(ErrorCode.AGENT_ERROR, "reply stamped with another agent")
         return result
+
+    async def subscribe_session(self, session_id: str) -> _NatsSessionSubscription:
+        subject = self.subjects.session_up(session_id)
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise BusUnavailable("NATS is not connected")
+        s = self._settings
+        try:
+            sub = await nc.subscribe(
+                subject,
+                pending_msgs_limit=s.session_sub_pending_msgs,
+                pending_bytes_limit=s.session_sub_pending_bytes,
+            )
+            # the server knows the interest once flushed: only then may the request go out
+            await nc.flush(timeout=max(1, int(s.request_timeout_s)))
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"cannot subscribe: {type(exc).__name__}") from None
+        sid: int = sub._id  # nats-py names a subscription by its sid in SlowConsumerError
+        wrapped = _NatsSessionSubscription(
+            sub, session_id, on_close=lambda: self._session_subs.pop(sid, None)
+        )
+        self._session_subs[sid] = wrapped
+        return wrapped
+
+    async def publish_session_down(self, session_id: str, frame: DownFrame) -> None:
+        subject = self.subjects.session_down(session_id)
+        if self._nc is None or not self._nc.is_connected:
+            raise BusUnavailable("NATS is not connected")
+        try:
+            await self._nc.publish(subject, encode(frame))
+        except nats.errors.Error as exc:
+            raise BusUnavailable(type(exc).__name__) from None
 
     def send_best_effort(self, agent_id: str, frame: CommandFrame, timeout_s: float) -> None:
         task = asyncio.create_task(self._best_effort(agent_id, frame, timeout_s))
@@ -475,6 +650,12 @@ class NatsBus:
     # connection callbacks (logging only: readiness reads ``connected``)
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            session_sub = self._session_subs.get(exc.sid)
+            if session_sub is not None:
+                # one dropped frame; the reader yields a FramesDropped marker for it
+                session_sub.note_dropped()
+                return
         log.warning("nats error", extra={"error": type(exc).__name__})
 
     async def _on_disconnected(self) -> None:

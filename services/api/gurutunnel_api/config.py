@@ -73,6 +73,37 @@ class ApiSettings(BaseSettings):
     pending_sweep_batch: int = Field(default=100, ge=1)
     """At most this many agents' stale sessions are failed per sweep."""
 
+    # work inside a session (commands, WebSocket) and session limits
+    session_idle_timeout_s: float = Field(default=900.0, gt=0)
+    """An active session without activity (exec, shell, input, resize, cancel) this long closes."""
+    session_max_duration_s: float = Field(default=28800.0, gt=0)
+    """An active session open this long closes, active or not."""
+    session_reap_interval_s: float = Field(default=5.0, gt=0)
+    """How often the reaper looks for sessions past the idle timeout or the maximum duration."""
+    session_reap_batch: int = Field(default=100, ge=1)
+    activity_write_interval_s: float = Field(default=5.0, ge=0)
+    """A WebSocket records shell input/resize activity at most this often (one UPDATE each)."""
+    session_watch_interval_s: float = Field(default=1.0, gt=0)
+    """How often a running command or an open WebSocket checks that its session is still active."""
+    exec_start_timeout_s: float = Field(default=10.0, gt=0)
+    """How long the agent has to answer ``terminal.command`` / ``shell.open``."""
+    exec_grace_s: float = Field(default=10.0, gt=0)
+    """A command's exit frame may come this long after its ``timeout_s`` before the API gives up."""
+    exec_close_grace_s: float = Field(default=3.0, gt=0)
+    """After the session closed (or a client went away) the exit frame may take this long."""
+    max_result_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Cap on the output (stdout + stderr) a full-result exec holds in memory; more is truncated."""
+    session_sub_pending_msgs: int = Field(default=8192, ge=1)
+    """Frames a session subscription may buffer; more are dropped by NATS (shown as a gap)."""
+    session_sub_pending_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    ws_ticket_ttl_s: float = Field(default=30.0, gt=0)
+    ws_send_queue_max: int = Field(default=1024, ge=1)
+    """Messages queued for one technician WebSocket; a reader slower than that is closed (1013)."""
+    ws_send_timeout_s: float = Field(default=10.0, gt=0)
+    """Bound of one WebSocket send (and of the close handshake of a socket being dropped)."""
+    ws_max_channels: int = Field(default=16, ge=1)
+    """Channels (commands and shells) one WebSocket may run at once."""
+
     @field_validator("jwt_secret")
     @classmethod
     def _secret_long_enough(cls, value: SecretStr) -> SecretStr:

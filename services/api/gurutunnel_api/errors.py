@@ -72,6 +72,22 @@ class ServiceUnavailable(ApiError):
     status, code = 503, ErrorCode.SERVICE_UNAVAILABLE
 
 
+class Unprocessable(ApiError):
+    """422 with the agent's own refusal code (``cwd_not_allowed``, ``invalid_command``)."""
+
+    status, code = 422, ErrorCode.VALIDATION_ERROR
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, ErrorCode.TOO_MANY_CHANNELS
+
+
+class DatabaseUnavailable(ApiError):
+    """The database could not record what must be recorded first (e.g. a command's audit)."""
+
+    status, code = 503, ErrorCode.DATABASE_UNAVAILABLE
+
+
 _STATUS_CODES = {
     400: ErrorCode.VALIDATION_ERROR,
     401: ErrorCode.UNAUTHORIZED,
@@ -148,6 +164,26 @@ def failure_for(code: ErrorCode) -> Failure:
 def bus_error_to_api(exc: BusError) -> ApiError:
     """Map a bus failure to its HTTP answer (used by the handler and by the services)."""
     return failure_for(exc.code).error()
+
+
+# refusals of work inside a session (terminal.command, shell.open): no session state changes
+_WORK_REFUSALS: dict[ErrorCode, ApiError] = {
+    ErrorCode.CWD_NOT_ALLOWED: Unprocessable("working directory not allowed"),
+    ErrorCode.INVALID_COMMAND: Unprocessable("the agent refused the command"),
+    ErrorCode.TOO_MANY_CHANNELS: TooManyRequests("the agent runs too many channels"),
+    ErrorCode.NO_SUCH_SESSION: Conflict("the agent does not hold this session"),
+}
+
+
+def work_refusal(code: ErrorCode, message: str | None = None) -> ApiError:
+    """The HTTP answer for an agent's refusal of a command or shell (``tunnel.error{code}``):
+    422 ``cwd_not_allowed`` / ``invalid_command``, 429 ``too_many_channels``, 409 ``conflict``
+    for ``no_such_session``, else the failure table (agent_offline 409, agent_timeout 504...)."""
+    known = _WORK_REFUSALS.get(code)
+    if known is None:
+        return failure_for(code).error()
+    api_code = ErrorCode.CONFLICT if code == ErrorCode.NO_SUCH_SESSION else code
+    return type(known)(message or known.message, code=api_code)
 
 
 def session_exists() -> Conflict:

@@ -2,8 +2,9 @@
 
 Startup: build the engine, load the agent signing key (when configured; an unreadable key fails
 startup), connect the bus and start its consumers (a NATS that cannot be reached fails startup
-with ``BusUnavailable``), start the stale-pending sweeper. Shutdown: cancel the sweeper, stop
-the bus (bounded drain), dispose the engine. ``/readyz`` answers 503 ``bus_unavailable`` while
+with ``BusUnavailable``), start the stale-pending sweeper and the session-limit reaper.
+Shutdown: cancel them and the background tasks of work inside sessions, stop the bus
+(bounded drain), dispose the engine. ``/readyz`` answers 503 ``bus_unavailable`` while
 NATS is disconnected or the durable presence consumer is down (close path 1 would be dead).
 When the root logger has no handler yet, ``create_app`` installs the JSON log handler
 (``serve`` installs it through uvicorn's log config, for uvicorn's loggers too).
@@ -38,6 +39,9 @@ from .security import PasswordHashing, load_agent_signing_key
 from .sessions.events import handle_presence
 from .sessions.router import router as sessions_router
 from .sessions.sweeper import run_sweeper
+from .work.limits import run_reaper
+from .work.router import router as work_router
+from .work.service import WorkContext
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +77,23 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         app.state.bus = bus
         app.state.agent_signing_key = key
-        sweeper = asyncio.create_task(
-            run_sweeper(sessionmaker, bus=bus, settings=settings), name="pending-sweeper"
-        )
+        work = WorkContext(settings=settings, bus=bus, sessionmaker=sessionmaker)
+        app.state.work = work
+        loops = [
+            asyncio.create_task(
+                run_sweeper(sessionmaker, bus=bus, settings=settings), name="pending-sweeper"
+            ),
+            asyncio.create_task(
+                run_reaper(sessionmaker, bus=bus, settings=settings), name="session-reaper"
+            ),
+        ]
         try:
             yield
         finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await work.background.close()
             await bus.close()
             await engine.dispose()
 
@@ -94,6 +107,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(users_router)
     app.include_router(agents_router)
     app.include_router(sessions_router)
+    app.include_router(work_router)
     app.include_router(audit_router)
 
     @app.get("/healthz", tags=["health"])

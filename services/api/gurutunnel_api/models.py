@@ -6,6 +6,7 @@ from .agents.models import Agent, AgentConnection, GatewayLease
 from .audit.models import TunnelAudit
 from .auth.models import Technician
 from .sessions.models import TechSession
+from .work.models import WsTicket
 
 metadata = SQLModel.metadata
 
@@ -16,5 +17,6 @@ __all__ = [
     "TechSession",
     "Technician",
     "TunnelAudit",
+    "WsTicket",
     "metadata",
 ]

@@ -27,10 +27,12 @@ _DESCRIPTIONS: dict[int, str] = {
     403: "`forbidden`: the role or ownership does not allow this",
     404: "`not_found`: no such object",
     409: "`session_exists`, `agent_offline`, `agent_busy` or `conflict`",
-    422: "`validation_error`: malformed id, body, query or unknown field",
+    422: "`validation_error`: malformed id, body, query or unknown field; "
+    "`cwd_not_allowed` / `invalid_command`: refused by the agent",
+    429: "`too_many_channels`: the agent runs as many channels as it allows",
     502: "`agent_error`: the agent answered with an unexpected error",
     503: "`database_unavailable`, `bus_unavailable` or `service_unavailable`",
-    504: "`agent_timeout`: the agent did not answer within the open timeout",
+    504: "`agent_timeout`: the agent did not answer in time",
 }
 
 

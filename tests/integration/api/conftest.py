@@ -32,9 +32,20 @@ from gurutunnel_protocol.envelope import decode_agent_command, encode
 from gurutunnel_protocol.messages import (
     AgentConnected,
     AgentDisconnected,
+    ChannelOpened,
+    ChannelType,
     CommandReply,
     DisconnectReason,
+    ExitReason,
+    OutputStream,
     PresenceEvent,
+    SessionFrame,
+    SessionUp,
+    ShellOpen,
+    Terminal,
+    TerminalChunk,
+    TerminalExit,
+    TerminalStarted,
     TunnelClose,
     TunnelClosed,
     TunnelError,
@@ -224,7 +235,16 @@ class FakeGateway:
     """With mode "busy": the session the agent says it holds."""
     before_ready: Callable[[], Awaitable[None]] | None = None
     """Awaited before a ready answer (to change the world while the open waits)."""
+    on_terminal: Callable[[Terminal], Awaitable[list[SessionFrame] | TunnelError | None]] | None = (
+        None
+    )
+    """Plays the agent for ``terminal.command``: a TunnelError refuses it, None never answers;
+    a list answers ``terminal.started`` and then publishes those frames on the up subject."""
+    down: list[Any] = field(default_factory=list)
+    """Frames received on the ``session.<id>.down`` subjects watched with ``watch_down``."""
     _sub: Any = None
+    _up_seq: int = 0
+    _down_subs: list[Any] = field(default_factory=list)
 
     async def start(self) -> FakeGateway:
         self._sub = await self.nc.subscribe(
@@ -234,15 +254,85 @@ class FakeGateway:
         return self
 
     async def stop(self) -> None:
+        for sub in self._down_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._down_subs.clear()
         if self._sub is not None:
             await self._sub.unsubscribe()
             await self.nc.flush()
             self._sub = None
 
+    async def watch_down(self, session_id: str) -> None:
+        """Record every frame the API publishes on the session's down subject."""
+
+        async def on_down(msg: Msg) -> None:
+            self.down.append(decode_agent_command(msg.data))
+
+        self._down_subs.append(
+            await self.nc.subscribe(self.subjects.session_down(session_id), cb=on_down)
+        )
+        await self.nc.flush()
+
+    async def publish_up(self, session_id: str, frame: SessionFrame) -> None:
+        """Publish one agent frame of the session as the gateway would (``SessionUp``)."""
+        up = SessionUp(
+            agent_id=self.agent_id,
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            conn_id=self.conn_id,
+            session_id=session_id,
+            seq=self._up_seq,
+            frame=frame,
+        )
+        self._up_seq += 1
+        await self.nc.publish(self.subjects.session_up(session_id), encode(up))
+
+    async def _answer_terminal(self, msg: Msg, frame: Terminal) -> None:
+        script = await self.on_terminal(frame) if self.on_terminal is not None else []
+        if script is None:
+            return
+        answer: AgentReply = (
+            script
+            if isinstance(script, TunnelError)
+            else TerminalStarted(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                pid=4242,
+            )
+        )
+        await msg.respond(encode(self._reply(answer)))
+        if isinstance(script, list):
+            for up in script:
+                await self.publish_up(frame.session_id, up)
+            await self.nc.flush()
+
+    def _reply(self, answer: AgentReply) -> CommandReply:
+        return CommandReply(
+            agent_id=self.agent_id,
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            conn_id=self.conn_id,
+            frame=answer,
+        )
+
     async def _on_command(self, msg: Msg) -> None:
         frame = decode_agent_command(msg.data)
         self.received.append(frame)
         answer: AgentReply
+        if isinstance(frame, Terminal):
+            await self._answer_terminal(msg, frame)
+            return
+        if isinstance(frame, ShellOpen):
+            answer = ChannelOpened(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                channel_type=ChannelType.SHELL,
+            )
+            await msg.respond(encode(self._reply(answer)))
+            return
         if isinstance(frame, TunnelOpen):
             if self.mode == "never":
                 return
@@ -274,6 +364,9 @@ class FakeGateway:
             frame=answer,
         )
         await msg.respond(encode(reply))
+
+    def terminals(self) -> list[Terminal]:
+        return [f for f in self.received if isinstance(f, Terminal)]
 
     def closes(self) -> list[TunnelClose]:
         return [f for f in self.received if isinstance(f, TunnelClose)]
@@ -340,3 +433,80 @@ class Presence:
 @pytest.fixture
 def presence(nc: NatsClient, subject_prefix: str) -> Presence:
     return Presence(nc, Subjects(subject_prefix))
+
+
+def chunk(
+    t: Terminal, seq: int, data: bytes, stream: OutputStream = OutputStream.STDOUT
+) -> TerminalChunk:
+    """A ``terminal.chunk`` of the command ``t``."""
+    return TerminalChunk(
+        session_id=t.session_id, channel_id=t.channel_id, seq=seq, stream=stream, data=data
+    )
+
+
+def exit_frame(
+    t: Terminal,
+    seq: int,
+    *,
+    reason: ExitReason = ExitReason.EXITED,
+    exit_code: int | None = 0,
+    stdout_bytes: int = 0,
+    stderr_bytes: int = 0,
+    truncated: bool = False,
+) -> TerminalExit:
+    """The ``terminal.exit`` of the command ``t``."""
+    return TerminalExit(
+        session_id=t.session_id,
+        channel_id=t.channel_id,
+        seq=seq,
+        reason=reason,
+        exit_code=exit_code,
+        truncated=truncated,
+        duration_s=0.01,
+        stdout_bytes=stdout_bytes,
+        stderr_bytes=stderr_bytes,
+    )
+
+
+@dataclass
+class LiveApi:
+    """The app served by a real uvicorn on a free port (real HTTP and WebSocket sockets)."""
+
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: ApiSettings
+    url: str
+
+    def ws_url(self, session_id: str, ticket: str) -> str:
+        return (
+            f"{self.url.replace('http://', 'ws://')}/api/v1/tunnel/{session_id}/ws?ticket={ticket}"
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving_api(settings: ApiSettings) -> AsyncIterator[LiveApi]:
+    """``create_app(settings)`` under uvicorn (lifespan included) on 127.0.0.1, port 0."""
+    import uvicorn
+
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if task.done():
+                task.result()
+                raise AssertionError("uvicorn stopped before it started")
+            if time.monotonic() > deadline:
+                raise AssertionError("uvicorn did not start within 20 s")
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield LiveApi(app=app, client=client, settings=settings, url=url)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)

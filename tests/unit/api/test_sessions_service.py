@@ -13,7 +13,15 @@ from sqlmodel import select
 from gurutunnel_api.agents.models import Agent
 from gurutunnel_api.audit.models import TunnelAudit
 from gurutunnel_api.auth.models import Role, Technician
-from gurutunnel_api.bus import AgentOffline, Bus, BusError, BusUnavailable, CommandFrame
+from gurutunnel_api.bus import (
+    AgentOffline,
+    Bus,
+    BusError,
+    BusUnavailable,
+    CommandFrame,
+    DownFrame,
+    SessionSubscription,
+)
 from gurutunnel_api.config import ApiSettings
 from gurutunnel_api.db import make_engine, make_sessionmaker, utcnow
 from gurutunnel_api.errors import ApiError
@@ -57,6 +65,12 @@ class FakeBus:
 
     async def publish_revocation(self, agent_id: str, not_before: datetime) -> None:
         return None
+
+    async def subscribe_session(self, session_id: str) -> SessionSubscription:
+        raise BusUnavailable("the session service never subscribes")
+
+    async def publish_session_down(self, session_id: str, frame: DownFrame) -> None:
+        self.sent.append(frame)  # type: ignore[arg-type]
 
 
 def _as_bus(bus: FakeBus) -> Bus:

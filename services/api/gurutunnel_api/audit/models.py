@@ -1,4 +1,10 @@
-"""Table ``tunnel_audit``: one row per state change, written in the change's transaction."""
+"""Table ``tunnel_audit``: one row per state change, written in the change's transaction.
+
+Commands (``command.run``) are the exception that proves the rule: their row is written and
+committed before the command is sent (no audit, no command) and completed when it ends
+(``ended_at``, ``reason`` = exit reason or refusal code, ``exit_code``, ``duration_s``, bytes,
+``truncated``); a row with ``ended_at`` NULL is a command still running (or lost by a crash).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ class AuditAction(StrEnum):
     SESSION_FAILED = "session.failed"
     AGENT_ENROLL = "agent.enroll"
     AGENT_REVOKE = "agent.revoke"
+    COMMAND_RUN = "command.run"
+    SHELL_OPEN = "shell.open"
+    SHELL_CLOSE = "shell.close"
 
 
 class TunnelAudit(SQLModel, table=True):
@@ -35,3 +44,11 @@ class TunnelAudit(SQLModel, table=True):
     session_id: str | None = Field(default=None, max_length=64, index=True)
     reason: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # commands and shells
+    channel_id: str | None = Field(default=None, max_length=64, index=True)
+    ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    exit_code: int | None = None
+    duration_s: float | None = None
+    stdout_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    stderr_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    truncated: bool | None = None

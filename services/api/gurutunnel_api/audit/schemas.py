@@ -19,6 +19,13 @@ class AuditPublic(BaseModel):
     session_id: str | None
     reason: str | None
     detail: dict[str, Any] | None
+    channel_id: str | None = None
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    duration_s: float | None = None
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    truncated: bool | None = None
 
     @classmethod
     def from_row(cls, row: TunnelAudit) -> AuditPublic:
@@ -32,6 +39,13 @@ class AuditPublic(BaseModel):
             session_id=row.session_id,
             reason=row.reason,
             detail=row.detail,
+            channel_id=row.channel_id,
+            ended_at=row.ended_at,
+            exit_code=row.exit_code,
+            duration_s=row.duration_s,
+            stdout_bytes=row.stdout_bytes,
+            stderr_bytes=row.stderr_bytes,
+            truncated=row.truncated,
         )
 
 

@@ -1,7 +1,8 @@
 """Table ``tech_session``: one tunnel session of a technician on an agent.
 
 At most one ``pending|active`` session per agent, enforced by the partial unique index
-``uq_tech_session_agent_open`` on PostgreSQL and SQLite alike.
+``uq_tech_session_agent_open`` on PostgreSQL and SQLite alike. ``last_activity_at`` drives the
+idle timeout (see :mod:`gurutunnel_api.work.limits`).
 """
 
 from __future__ import annotations
@@ -49,3 +50,5 @@ class TechSession(SQLModel, table=True):
     closed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     gateway_id: str | None = Field(default=None, max_length=64)
     conn_id: str | None = Field(default=None, max_length=64, index=True)
+    last_activity_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    """Last exec, shell open, input, resize or cancel (NULL: none since ``opened_at``)."""

@@ -1,0 +1,686 @@
+"""Work inside a session: who may act, audit before send, one command from start to exit.
+
+Contract:
+- ``authorize(db, session_id, tech)``: 404 ``not_found`` for no such session, 403 ``forbidden``
+  unless the technician owns it or is an admin, 409 ``conflict`` "session is <state>" unless it
+  is ``active``. It returns plain ids (:class:`SessionRef`), never an ORM row.
+- ``begin_audit`` writes and COMMITS the ``command.run`` / ``shell.open`` row (and records the
+  session's activity) before anything is sent; any database failure there is 503
+  ``database_unavailable`` and nothing is sent. ``complete_audit`` fills in the end (exit
+  reason or refusal code, exit code, duration, bytes, truncated) on a fresh database session.
+- ``start_command`` subscribes to ``session.<id>.up`` BEFORE it sends ``terminal.command``, then
+  waits ``exec_start_timeout_s`` for ``terminal.started``. Refusals map through
+  :func:`..errors.work_refusal` (409 ``agent_offline``, 422 ``cwd_not_allowed`` /
+  ``invalid_command``, 429 ``too_many_channels``, 504 ``agent_timeout``); the audit row is then
+  completed with the refusal code and the subscription closed.
+- :class:`CommandRun` turns the channel's ``terminal.chunk``/``terminal.exit`` frames into
+  events: ``Chunk``, ``Gap`` (a jump in the channel's ``seq``; duplicates dropped), the
+  ``TerminalExit`` itself (last event), or ``Lost`` (last event) when no exit frame came within
+  ``timeout_s + exec_grace_s`` (``agent_timeout``) or within ``exec_close_grace_s`` after the
+  session stopped being active (``session_closed``; checked every ``session_watch_interval_s``
+  and on a ``tunnel.closed`` frame). Frames of other channels are ignored.
+- A run that is abandoned before its end (client gone, response cancelled) publishes
+  ``terminal.cancel`` and hands its subscription to a background task that waits at most
+  ``exec_close_grace_s`` for the exit frame to complete the audit row.
+- ``collect`` assembles a full result holding at most ``max_result_bytes`` of output
+  (``truncated`` when more came).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+
+from gurutunnel_protocol import ErrorCode, new_id
+from gurutunnel_protocol.messages import (
+    ExitReason,
+    OutputStream,
+    TerminalCancel,
+    TerminalChunk,
+    TerminalExit,
+    TerminalStarted,
+    TunnelClosed,
+    TunnelError,
+)
+from gurutunnel_protocol.messages import Terminal as TerminalCommand
+
+from ..audit.models import AuditAction, TunnelAudit
+from ..audit.service import record
+from ..auth.models import Role, Technician
+from ..bus import Bus, BusError, FramesDropped, SessionSubscription
+from ..config import ApiSettings
+from ..db import utcnow
+from ..errors import (
+    AgentFailed,
+    Conflict,
+    DatabaseUnavailable,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    Unauthorized,
+    work_refusal,
+)
+from ..sessions.models import SessionState, TechSession
+from .models import WsTicket
+from .schemas import CommandSpec, Encoding, ExecResult, GapPublic
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- runtime
+class TaskSet:
+    """Background tasks the application owns (cancelled at shutdown)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class WorkContext:
+    """What work inside a session needs, built once by the lifespan."""
+
+    settings: ApiSettings
+    bus: Bus
+    sessionmaker: async_sessionmaker[AsyncSession]
+    background: TaskSet = field(default_factory=TaskSet)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    session_id: str
+    agent_id: str
+    tech_id: str
+    """The technician acting (owner or admin), not necessarily the session's owner."""
+
+
+# ---------------------------------------------------------------- authorization and activity
+async def authorize(db: AsyncSession, *, session_id: str, tech: Technician) -> SessionRef:
+    """The active session ``session_id`` if ``tech`` may act in it (see the module contract)."""
+    tech_id, is_admin = tech.id, tech.role == Role.ADMIN.value
+    return await authorize_ids(db, session_id=session_id, tech_id=tech_id, is_admin=is_admin)
+
+
+async def authorize_ids(
+    db: AsyncSession, *, session_id: str, tech_id: str, is_admin: bool
+) -> SessionRef:
+    async with db.begin():
+        row = await db.get(TechSession, session_id, populate_existing=True)
+        if row is None:
+            raise NotFound("session not found")
+        if row.tech_id != tech_id and not is_admin:
+            raise Forbidden("only the session's owner or an admin may act in it")
+        if row.state != SessionState.ACTIVE.value:
+            raise Conflict(f"session is {row.state}")
+        return SessionRef(session_id=row.id, agent_id=row.agent_id, tech_id=tech_id)
+
+
+async def session_state(
+    sessionmaker: async_sessionmaker[AsyncSession], session_id: str
+) -> tuple[str, str | None] | None:
+    """(state, close_reason) of the session, None when it does not exist."""
+    async with sessionmaker() as db, db.begin():
+        found = (
+            await db.execute(
+                select(col(TechSession.state), col(TechSession.close_reason)).where(
+                    col(TechSession.id) == session_id
+                )
+            )
+        ).first()
+    return None if found is None else (found[0], found[1])
+
+
+def _touch(db: AsyncSession, session_id: str) -> Any:
+    return db.execute(
+        update(TechSession)
+        .where(
+            col(TechSession.id) == session_id,
+            col(TechSession.state) == SessionState.ACTIVE.value,
+        )
+        .values(last_activity_at=utcnow())
+    )
+
+
+async def record_activity(sessionmaker: async_sessionmaker[AsyncSession], session_id: str) -> None:
+    """``last_activity_at = now`` on the active session (input, resize, cancel)."""
+    async with sessionmaker() as db, db.begin():
+        await _touch(db, session_id)
+
+
+# ---------------------------------------------------------------- audit
+async def begin_audit(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    ref: SessionRef,
+    action: AuditAction,
+    channel_id: str,
+    detail: dict[str, Any],
+) -> int:
+    """Write and commit the row (and the activity); 503 ``database_unavailable`` on failure."""
+    try:
+        async with sessionmaker() as db, db.begin():
+            row = record(
+                db,
+                actor=ref.tech_id,
+                action=action,
+                agent_id=ref.agent_id,
+                session_id=ref.session_id,
+                detail=detail,
+            )
+            row.channel_id = channel_id
+            await _touch(db, ref.session_id)
+            await db.flush()
+            assert row.id is not None
+            return row.id
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        # whatever the database's trouble (gone, read-only, table missing), no audit: no send
+        log.warning(
+            "audit row not written; nothing sent",
+            extra={"session_id": ref.session_id, "error": type(exc).__name__},
+        )
+        raise DatabaseUnavailable("the audit row could not be written; nothing was sent") from None
+
+
+async def complete_audit(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    audit_id: int,
+    *,
+    reason: str,
+    exit_frame: TerminalExit | None = None,
+    truncated: bool | None = None,
+) -> None:
+    """Fill in the end of a ``command.run`` row (logged, never raised: the command is over)."""
+    values: dict[str, Any] = {"ended_at": utcnow(), "reason": reason[:64]}
+    if exit_frame is not None:
+        values |= {
+            "exit_code": exit_frame.exit_code,
+            "duration_s": exit_frame.duration_s,
+            "stdout_bytes": exit_frame.stdout_bytes,
+            "stderr_bytes": exit_frame.stderr_bytes,
+            "truncated": exit_frame.truncated if truncated is None else truncated,
+        }
+    try:
+        async with sessionmaker() as db, db.begin():
+            await db.execute(
+                update(TunnelAudit)
+                .where(col(TunnelAudit.id) == audit_id, col(TunnelAudit.ended_at).is_(None))
+                .values(**values)
+            )
+    except Exception as exc:
+        log.warning("audit row not completed", extra={"error": type(exc).__name__})
+
+
+async def record_shell_close(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    ref: SessionRef,
+    channel_id: str,
+    reason: str,
+    exit_frame: TerminalExit | None,
+) -> None:
+    """The ``shell.close`` row of a shell channel (logged, never raised)."""
+    try:
+        async with sessionmaker() as db, db.begin():
+            row = record(
+                db,
+                actor=ref.tech_id,
+                action=AuditAction.SHELL_CLOSE,
+                agent_id=ref.agent_id,
+                session_id=ref.session_id,
+                reason=reason[:64],
+            )
+            row.channel_id = channel_id
+            row.ended_at = utcnow()
+            if exit_frame is not None:
+                row.exit_code = exit_frame.exit_code
+                row.duration_s = exit_frame.duration_s
+                row.stdout_bytes = exit_frame.stdout_bytes
+                row.stderr_bytes = exit_frame.stderr_bytes
+                row.truncated = exit_frame.truncated
+    except Exception as exc:
+        log.warning("shell.close audit row not written", extra={"error": type(exc).__name__})
+
+
+def command_detail(spec: CommandSpec) -> dict[str, Any]:
+    detail: dict[str, Any] = {"timeout_s": spec.timeout_s}
+    if spec.command is not None:
+        detail["command"] = spec.command
+    if spec.argv is not None:
+        detail["argv"] = spec.argv
+    if spec.cwd is not None:
+        detail["cwd"] = spec.cwd
+    if spec.max_output_bytes is not None:
+        detail["max_output_bytes"] = spec.max_output_bytes
+    return detail
+
+
+async def running_command_exists(db: AsyncSession, *, session_id: str, channel_id: str) -> bool:
+    """A ``command.run`` row of this session and channel that has not ended."""
+    async with db.begin():
+        found = await db.scalar(
+            select(col(TunnelAudit.id))
+            .where(
+                col(TunnelAudit.session_id) == session_id,
+                col(TunnelAudit.channel_id) == channel_id,
+                col(TunnelAudit.action) == AuditAction.COMMAND_RUN.value,
+                col(TunnelAudit.ended_at).is_(None),
+            )
+            .limit(1)
+        )
+    return found is not None
+
+
+# ---------------------------------------------------------------- tickets
+def _ticket_hash(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()
+
+
+async def issue_ticket(db: AsyncSession, *, ref: SessionRef, ttl_s: float) -> str:
+    """A single-use ticket for the WebSocket of ``ref`` (only its SHA-256 is stored)."""
+    ticket = secrets.token_urlsafe(32)
+    now = utcnow()
+    async with db.begin():
+        db.add(
+            WsTicket(
+                token_hash=_ticket_hash(ticket),
+                tech_id=ref.tech_id,
+                session_id=ref.session_id,
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
+            )
+        )
+    return ticket
+
+
+async def redeem_ticket(db: AsyncSession, *, ticket: str, session_id: str) -> tuple[str, bool]:
+    """Use the ticket once: (tech_id, is_admin) or ``Unauthorized`` naming why (the reason
+    never contains the ticket)."""
+    token_hash = _ticket_hash(ticket)
+    now = utcnow()
+    async with db.begin():
+        used = await db.execute(
+            update(WsTicket)
+            .where(col(WsTicket.token_hash) == token_hash, col(WsTicket.used_at).is_(None))
+            .values(used_at=now)
+        )
+        row = await db.get(WsTicket, token_hash, populate_existing=True)
+        if row is None:
+            raise Unauthorized("unknown ticket")
+        if getattr(used, "rowcount", 0) != 1:
+            raise Unauthorized("ticket already used")
+        if row.expires_at <= now:
+            raise Unauthorized("ticket expired")
+        if row.session_id != session_id:
+            raise Unauthorized("ticket is for another session")
+        tech = await db.get(Technician, row.tech_id)
+        if tech is None or tech.disabled:
+            raise Unauthorized("technician unknown or disabled")
+        return tech.id, tech.role == Role.ADMIN.value
+
+
+# ---------------------------------------------------------------- per-channel ordering
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: int
+    stream: OutputStream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    from_seq: int
+    to_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The API lost the command: no exit frame within its bound."""
+
+    code: ErrorCode
+    message: str
+
+
+Event = Chunk | Gap | TerminalExit | Lost
+
+
+class ChannelTracker:
+    """Orders one channel's frames by ``seq``: a jump is a ``Gap``, a repeat is dropped."""
+
+    def __init__(self, channel_id: str) -> None:
+        self.channel_id = channel_id
+        self.expected = 0
+        self.gaps: list[Gap] = []
+        self.ended = False
+
+    def accept(self, frame: TerminalChunk | TerminalExit) -> list[Event]:
+        if self.ended or frame.seq < self.expected:
+            return []
+        events: list[Event] = []
+        if frame.seq > self.expected:
+            gap = Gap(self.expected, frame.seq - 1)
+            self.gaps.append(gap)
+            events.append(gap)
+        self.expected = frame.seq + 1
+        if isinstance(frame, TerminalExit):
+            self.ended = True
+            events.append(frame)
+        else:
+            events.append(Chunk(frame.seq, frame.stream, frame.data))
+        return events
+
+
+# ---------------------------------------------------------------- one command
+@dataclass
+class StartedCommand:
+    channel_id: str
+    pid: int | None
+
+
+async def start_command(
+    ctx: WorkContext, *, ref: SessionRef, spec: CommandSpec
+) -> tuple[CommandRun, StartedCommand]:
+    """Audit, subscribe, send ``terminal.command`` and wait for ``terminal.started``."""
+    channel_id = new_id()
+    audit_id = await begin_audit(
+        ctx.sessionmaker,
+        ref=ref,
+        action=AuditAction.COMMAND_RUN,
+        channel_id=channel_id,
+        detail=command_detail(spec),
+    )
+    try:
+        sub = await ctx.bus.subscribe_session(ref.session_id)
+    except BusError as exc:
+        await complete_audit(ctx.sessionmaker, audit_id, reason=exc.code.value)
+        raise
+    started_at = time.monotonic()
+    try:
+        reply = await ctx.bus.request_agent(
+            ref.agent_id,
+            TerminalCommand(
+                req_id=new_id(),
+                session_id=ref.session_id,
+                channel_id=channel_id,
+                command=spec.command,
+                argv=spec.argv,
+                cwd=spec.cwd,
+                timeout_s=spec.timeout_s,
+                max_output_bytes=spec.max_output_bytes,
+            ),
+            ctx.settings.exec_start_timeout_s,
+        )
+        answer = reply.frame
+        if isinstance(answer, TunnelError):
+            raise work_refusal(answer.code, answer.error[:512])
+        if not isinstance(answer, TerminalStarted) or answer.channel_id != channel_id:
+            raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
+    except BaseException as exc:
+        code = getattr(exc, "code", None)
+        reason = code.value if isinstance(code, ErrorCode) else "not_started"
+        if not isinstance(exc, BusError) or exc.code != ErrorCode.AGENT_OFFLINE:
+            # it may have started after all (a late answer): make sure it does not run on
+            with contextlib.suppress(BusError):
+                await ctx.bus.publish_session_down(
+                    ref.session_id, TerminalCancel(session_id=ref.session_id, channel_id=channel_id)
+                )
+        await sub.close()
+        await asyncio.shield(complete_audit(ctx.sessionmaker, audit_id, reason=reason))
+        raise
+    run = CommandRun(
+        ctx,
+        ref=ref,
+        channel_id=channel_id,
+        audit_id=audit_id,
+        sub=sub,
+        timeout_s=spec.timeout_s,
+        started_at=started_at,
+    )
+    return run, StartedCommand(channel_id=channel_id, pid=answer.pid)
+
+
+class CommandRun:
+    """The events of one started command (see the module contract)."""
+
+    def __init__(
+        self,
+        ctx: WorkContext,
+        *,
+        ref: SessionRef,
+        channel_id: str,
+        audit_id: int,
+        sub: SessionSubscription,
+        timeout_s: float,
+        started_at: float,
+    ) -> None:
+        self.ctx = ctx
+        self.ref = ref
+        self.channel_id = channel_id
+        self.audit_id = audit_id
+        self.sub = sub
+        self.tracker = ChannelTracker(channel_id)
+        self.deadline = started_at + timeout_s + ctx.settings.exec_grace_s
+        self.started_at = started_at
+        self.dropped = 0
+        self.finished = False
+        self.api_truncated = False
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """Chunks and gaps in order, ending with the exit frame or ``Lost``."""
+        try:
+            async for event in self._events():
+                yield event
+        finally:
+            if not self.finished:
+                self._abandon()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        s = self.ctx.settings
+        closed_deadline: float | None = None
+        next_watch = time.monotonic() + s.session_watch_interval_s
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                yield await self._lost(
+                    ErrorCode.AGENT_TIMEOUT,
+                    "no exit frame from the agent within timeout_s + grace"
+                    + (f" ({self.dropped} frames dropped by the bus)" if self.dropped else ""),
+                )
+                return
+            if closed_deadline is not None and now >= closed_deadline:
+                yield await self._lost(
+                    ErrorCode.SESSION_CLOSED,
+                    "the session closed and no exit frame came from the agent",
+                )
+                return
+            if now >= next_watch:
+                next_watch = now + s.session_watch_interval_s
+                if closed_deadline is None and not await self._session_active():
+                    closed_deadline = now + s.exec_close_grace_s
+                continue
+            wake = min(self.deadline, next_watch, closed_deadline or self.deadline)
+            try:
+                item = await self.sub.next(wake - now)
+            except BusError:
+                # the subscription ended with the NATS connection: only the bounds can end this
+                await asyncio.sleep(max(0.0, min(wake - time.monotonic(), 0.5)))
+                continue
+            if item is None:
+                continue
+            if isinstance(item, FramesDropped):
+                self.dropped += item.count
+                continue
+            frame = item.frame
+            if isinstance(frame, TunnelClosed):
+                if closed_deadline is None:
+                    closed_deadline = time.monotonic() + s.exec_close_grace_s
+                continue
+            if not isinstance(frame, TerminalChunk | TerminalExit):
+                continue
+            if frame.channel_id != self.channel_id:
+                continue
+            for event in self.tracker.accept(frame):
+                if isinstance(event, TerminalExit):
+                    self.finished = True
+                    await asyncio.shield(self._complete(event))
+                    yield event
+                    return
+                yield event
+
+    async def _session_active(self) -> bool:
+        try:
+            found = await asyncio.wait_for(
+                session_state(self.ctx.sessionmaker, self.ref.session_id),
+                self.ctx.settings.request_timeout_s,
+            )
+        except Exception as exc:
+            # the database does not answer: the command's own deadline still bounds the wait
+            log.info("session check failed", extra={"error": type(exc).__name__})
+            return True
+        return found is not None and found[0] == SessionState.ACTIVE.value
+
+    async def _complete(self, exit_frame: TerminalExit) -> None:
+        try:
+            await complete_audit(
+                self.ctx.sessionmaker,
+                self.audit_id,
+                reason=exit_frame.reason.value,
+                exit_frame=exit_frame,
+                truncated=exit_frame.truncated or self.api_truncated,
+            )
+        finally:
+            await self.sub.close()
+
+    async def _lost(self, code: ErrorCode, message: str) -> Lost:
+        self.finished = True
+        with contextlib.suppress(BusError):
+            await self.ctx.bus.publish_session_down(
+                self.ref.session_id,
+                TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
+            )
+        await self.sub.close()
+        await asyncio.shield(complete_audit(self.ctx.sessionmaker, self.audit_id, reason=code))
+        return Lost(code, message)
+
+    def _abandon(self) -> None:
+        """The reader went away before the end: cancel on the agent, record the exit later."""
+        self.finished = True
+        self.ctx.background.spawn(self._drain_after_cancel(), name=f"cancel-{self.channel_id}")
+
+    async def _drain_after_cancel(self) -> None:
+        try:
+            with contextlib.suppress(BusError):
+                await self.ctx.bus.publish_session_down(
+                    self.ref.session_id,
+                    TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
+                )
+            deadline = time.monotonic() + self.ctx.settings.exec_close_grace_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = await self.sub.next(left)
+                except BusError:
+                    break
+                if item is None or isinstance(item, FramesDropped):
+                    continue
+                frame = item.frame
+                if isinstance(frame, TerminalExit) and frame.channel_id == self.channel_id:
+                    await complete_audit(
+                        self.ctx.sessionmaker,
+                        self.audit_id,
+                        reason=frame.reason.value,
+                        exit_frame=frame,
+                    )
+                    return
+            await complete_audit(self.ctx.sessionmaker, self.audit_id, reason="client_gone")
+        finally:
+            await self.sub.close()
+
+
+async def collect(run: CommandRun, *, encoding: Encoding) -> ExecResult:
+    """The full result of ``run``; 504 ``agent_timeout`` when no exit frame came."""
+    cap = run.ctx.settings.max_result_bytes
+    out, err = bytearray(), bytearray()
+    async for event in run.events():
+        if isinstance(event, Chunk):
+            room = cap - len(out) - len(err)
+            if len(event.data) > room:
+                run.api_truncated = True
+            target = out if event.stream == OutputStream.STDOUT else err
+            target += event.data[: max(room, 0)]
+        elif isinstance(event, TerminalExit):
+            return _result(run, out, err, encoding, event)
+        elif isinstance(event, Lost):
+            if event.code == ErrorCode.SESSION_CLOSED:
+                return _result(run, out, err, encoding, None, error=event.message)
+            raise GatewayTimeout(event.message)
+    raise GatewayTimeout("the command's output ended without an exit frame")
+
+
+def _text(data: bytearray, encoding: Encoding) -> str:
+    if encoding == "base64":
+        return base64.b64encode(bytes(data)).decode("ascii")
+    return bytes(data).decode("utf-8", errors="replace")
+
+
+def _result(
+    run: CommandRun,
+    out: bytearray,
+    err: bytearray,
+    encoding: Encoding,
+    exit_frame: TerminalExit | None,
+    error: str | None = None,
+) -> ExecResult:
+    gaps = [GapPublic(from_seq=g.from_seq, to_seq=g.to_seq) for g in run.tracker.gaps]
+    if exit_frame is None:
+        return ExecResult(
+            channel_id=run.channel_id,
+            stdout=_text(out, encoding),
+            stderr=_text(err, encoding),
+            encoding=encoding,
+            exit_code=None,
+            reason=ExitReason.SESSION_CLOSED,
+            truncated=run.api_truncated,
+            duration_s=round(time.monotonic() - run.started_at, 3),
+            stdout_bytes=len(out),
+            stderr_bytes=len(err),
+            gaps=gaps,
+            error=error,
+        )
+    return ExecResult(
+        channel_id=run.channel_id,
+        stdout=_text(out, encoding),
+        stderr=_text(err, encoding),
+        encoding=encoding,
+        exit_code=exit_frame.exit_code,
+        reason=exit_frame.reason,
+        truncated=exit_frame.truncated or run.api_truncated,
+        duration_s=exit_frame.duration_s,
+        stdout_bytes=exit_frame.stdout_bytes,
+        stderr_bytes=exit_frame.stderr_bytes,
+        gaps=gaps,
+        error=exit_frame.error,
+    )

@@ -1,0 +1,550 @@
+"""One technician WebSocket of a session: several commands and shells at once.
+
+Contract (messages in :mod:`.schemas`):
+- The socket subscribes to ``session.<id>.up`` once, before it sends any request, and routes
+  each ``terminal.chunk``/``terminal.exit`` to its channel by ``channel_id`` (a jump in ``seq``
+  is a ``gap`` message; frames of channels this socket did not start are ignored). Frames that
+  arrive before the agent's answer to the request are held (at most ``_EARLY_FRAMES`` per
+  channel; beyond that they are dropped and show as a gap) and sent after ``started``.
+- Outgoing messages go through ONE bounded queue (``ws_send_queue_max``) drained by one writer
+  task, each send bounded by ``ws_send_timeout_s``. A technician who stops reading fills it and
+  the socket is closed with 1013 ("try again later": the server dropped a client that could not
+  keep up) instead of growing memory.
+- Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
+  than ``ws_max_channels`` channels gets ``error{too_many_channels}``.
+- Activity (exec, shell open, cancel: always; input and resize: at most every
+  ``activity_write_interval_s``) is written to ``tech_session.last_activity_at``; ping is not.
+- Every ``session_watch_interval_s`` the socket checks its session: once it is no longer active
+  (or a ``tunnel.closed`` frame arrives), running channels get ``exec_close_grace_s`` for their
+  exit frames (``error{session_closed}`` for the rest), then ``session.closed{reason}`` is sent
+  and the socket closes with 1000. The same check ends commands past
+  ``timeout_s + exec_grace_s`` with ``error{agent_timeout}``.
+- When the socket ends, running commands are cancelled and shells closed on the agent; their
+  exit frames are still awaited (at most ``exec_close_grace_s``) to complete the audit rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import WebSocket
+from pydantic import BaseModel, ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from gurutunnel_protocol import ErrorCode, new_id
+from gurutunnel_protocol.messages import (
+    ChannelClose,
+    ChannelOpened,
+    ShellOpen,
+    ShellResize,
+    TerminalCancel,
+    TerminalChunk,
+    TerminalExit,
+    TerminalStarted,
+    TunnelClosed,
+    TunnelData,
+    TunnelError,
+)
+from gurutunnel_protocol.messages import Terminal as TerminalCommand
+
+from ..audit.models import AuditAction
+from ..bus import BusError, FramesDropped, SessionSubscription
+from ..errors import AgentFailed, ApiError, bus_error_to_api, work_refusal
+from ..sessions.models import SessionState
+from . import service
+from .schemas import (
+    WsCancelIn,
+    WsChunkOut,
+    WsErrorOut,
+    WsExecIn,
+    WsExitOut,
+    WsGapOut,
+    WsInputIn,
+    WsPingIn,
+    WsPongOut,
+    WsResizeIn,
+    WsSessionClosedOut,
+    WsShellIn,
+    WsStartedOut,
+    ws_client_message,
+    ws_text,
+)
+from .service import ChannelTracker, Chunk, Gap, SessionRef, WorkContext
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_TICKET_REFUSED = 4401
+CLOSE_SESSION_NOT_ACTIVE = 4409
+_EARLY_FRAMES = 1024
+
+
+@dataclass
+class _Channel:
+    channel_id: str
+    kind: Literal["exec", "shell"]
+    audit_id: int | None
+    deadline: float | None
+    started_at: float
+    client_id: str | None
+    tracker: ChannelTracker
+    started: bool = False
+    early: list[TerminalChunk | TerminalExit] = field(default_factory=list)
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class TechSocket:
+    """See the module contract."""
+
+    def __init__(self, websocket: WebSocket, ctx: WorkContext, ref: SessionRef) -> None:
+        self.ws = websocket
+        self.ctx = ctx
+        self.s = ctx.settings
+        self.ref = ref
+        self.queue: asyncio.Queue[str | _Close] = asyncio.Queue(maxsize=self.s.ws_send_queue_max)
+        self.channels: dict[str, _Channel] = {}
+        self.closing = False
+        self.overflowed = False
+        self._last_activity_write = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed_reason: str | None = None
+        self._close_deadline: float | None = None
+        self._sub: SessionSubscription | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        try:
+            self._sub = await self.ctx.bus.subscribe_session(self.ref.session_id)
+        except BusError:
+            await self._close_now(1011, "message bus unavailable")
+            return
+        loops = [
+            asyncio.create_task(self._writer(), name="ws-writer"),
+            asyncio.create_task(self._reader(), name="ws-reader"),
+            asyncio.create_task(self._dispatcher(self._sub), name="ws-dispatch"),
+            asyncio.create_task(self._watcher(), name="ws-watch"),
+        ]
+        try:
+            await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._hand_over(self._sub)
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                code = CLOSE_TRY_AGAIN_LATER if self.overflowed else CLOSE_NORMAL
+                await self._close_now(code, "send queue overflow" if self.overflowed else "")
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code, reason), self.s.ws_send_timeout_s)
+
+    def send(self, message: BaseModel) -> None:
+        """Queue a message; a full queue drops the socket (1013), never the bus."""
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(ws_text(message))
+        except asyncio.QueueFull:
+            self.overflowed = True
+            log.warning(
+                "technician websocket not reading; closing it",
+                extra={"session_id": self.ref.session_id},
+            )
+            # wake the writer so it ends and the socket closes with 1013
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            self.queue.put_nowait(_Close(CLOSE_TRY_AGAIN_LATER, "send queue overflow"))
+
+    async def _writer(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, _Close):
+                if item.code == CLOSE_TRY_AGAIN_LATER:
+                    self.overflowed = True
+                    return  # run() closes with 1013 without waiting on the stuck transport
+                await self._close_now(item.code, item.reason)
+                return
+            try:
+                await asyncio.wait_for(self.ws.send_text(item), self.s.ws_send_timeout_s)
+            except TimeoutError:
+                self.overflowed = True  # the technician does not read: 1013
+                return
+            except Exception:
+                return  # the socket is gone
+
+    # ------------------------------------------------------------ client -> server
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                self.send(WsErrorOut(code="validation_error", message="send JSON text frames"))
+                continue
+            try:
+                msg = ws_client_message.validate_json(raw)
+            except ValidationError as exc:
+                self.send(WsErrorOut(code="validation_error", message=_first_error(exc)))
+                continue
+            if self.closing:
+                if not isinstance(msg, WsPingIn):
+                    self.send(WsErrorOut(code="session_closed", message="the session is closing"))
+                continue
+            if isinstance(msg, WsPingIn):
+                self.send(WsPongOut())
+            elif isinstance(msg, WsExecIn | WsShellIn):
+                if len(self.channels) >= self.s.ws_max_channels:
+                    self.send(
+                        WsErrorOut(
+                            id=msg.id,
+                            code=ErrorCode.TOO_MANY_CHANNELS.value,
+                            message="this socket runs as many channels as allowed",
+                        )
+                    )
+                    continue
+                self._spawn(self._open(msg))
+            elif isinstance(msg, WsInputIn):
+                await self._to_shell(
+                    msg.channel_id,
+                    TunnelData(
+                        session_id=self.ref.session_id, channel_id=msg.channel_id, data=msg.data
+                    ),
+                )
+            elif isinstance(msg, WsResizeIn):
+                await self._to_shell(
+                    msg.channel_id,
+                    ShellResize(
+                        session_id=self.ref.session_id,
+                        channel_id=msg.channel_id,
+                        cols=msg.cols,
+                        rows=msg.rows,
+                    ),
+                )
+            elif isinstance(msg, WsCancelIn):
+                await self._cancel(msg.channel_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _activity(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_activity_write < self.s.activity_write_interval_s:
+            return
+        self._last_activity_write = now
+        try:
+            await service.record_activity(self.ctx.sessionmaker, self.ref.session_id)
+        except Exception as exc:
+            log.info("activity not recorded", extra={"error": type(exc).__name__})
+
+    async def _to_shell(self, channel_id: str, frame: TunnelData | ShellResize) -> None:
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.kind != "shell" or not channel.started:
+            self.send(WsErrorOut(channel_id=channel_id, code="not_found", message="no such shell"))
+            return
+        await self._publish(channel_id, frame)
+        await self._activity(force=False)
+
+    async def _cancel(self, channel_id: str) -> None:
+        channel = self.channels.get(channel_id)
+        if channel is None:
+            self.send(
+                WsErrorOut(channel_id=channel_id, code="not_found", message="no such channel")
+            )
+            return
+        frame: TerminalCancel | ChannelClose = (
+            ChannelClose(session_id=self.ref.session_id, channel_id=channel_id)
+            if channel.kind == "shell"
+            else TerminalCancel(session_id=self.ref.session_id, channel_id=channel_id)
+        )
+        await self._publish(channel_id, frame)
+        await self._activity(force=True)
+
+    async def _publish(
+        self, channel_id: str, frame: TunnelData | ShellResize | TerminalCancel | ChannelClose
+    ) -> None:
+        try:
+            await self.ctx.bus.publish_session_down(self.ref.session_id, frame)
+        except BusError as exc:
+            self.send(WsErrorOut(channel_id=channel_id, code=exc.code.value, message=str(exc)))
+
+    async def _open(self, msg: WsExecIn | WsShellIn) -> None:
+        """Audit, register the channel, send the request, announce ``started`` (or ``error``)."""
+        channel_id = new_id()
+        kind: Literal["exec", "shell"] = "exec" if isinstance(msg, WsExecIn) else "shell"
+        try:
+            audit_id = await service.begin_audit(
+                self.ctx.sessionmaker,
+                ref=self.ref,
+                action=AuditAction.COMMAND_RUN if kind == "exec" else AuditAction.SHELL_OPEN,
+                channel_id=channel_id,
+                detail=service.command_detail(msg)
+                if isinstance(msg, WsExecIn)
+                else {"cols": msg.cols, "rows": msg.rows},
+            )
+        except ApiError as exc:
+            self.send(WsErrorOut(id=msg.id, code=exc.code.value, message=exc.message))
+            return
+        now = time.monotonic()
+        channel = _Channel(
+            channel_id=channel_id,
+            kind=kind,
+            audit_id=audit_id,
+            deadline=now + msg.timeout_s + self.s.exec_grace_s
+            if isinstance(msg, WsExecIn)
+            else None,
+            started_at=now,
+            client_id=msg.id,
+            tracker=ChannelTracker(channel_id),
+        )
+        self.channels[channel_id] = channel  # before the request: no early frame is lost
+        request = (
+            TerminalCommand(
+                req_id=new_id(),
+                session_id=self.ref.session_id,
+                channel_id=channel_id,
+                command=msg.command,
+                argv=msg.argv,
+                cwd=msg.cwd,
+                timeout_s=msg.timeout_s,
+                max_output_bytes=msg.max_output_bytes,
+            )
+            if isinstance(msg, WsExecIn)
+            else ShellOpen(
+                req_id=new_id(),
+                session_id=self.ref.session_id,
+                channel_id=channel_id,
+                cols=msg.cols,
+                rows=msg.rows,
+            )
+        )
+        pid: int | None = None
+        try:
+            try:
+                reply = await self.ctx.bus.request_agent(
+                    self.ref.agent_id, request, self.s.exec_start_timeout_s
+                )
+            except BusError as exc:
+                raise bus_error_to_api(exc) from None
+            answer = reply.frame
+            if isinstance(answer, TunnelError):
+                raise work_refusal(answer.code, answer.error[:512])
+            if isinstance(answer, TerminalStarted) and answer.channel_id == channel_id:
+                pid = answer.pid
+            elif not (isinstance(answer, ChannelOpened) and answer.channel_id == channel_id):
+                raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
+        except ApiError as exc:
+            self.channels.pop(channel_id, None)
+            self.send(WsErrorOut(id=msg.id, code=exc.code.value, message=exc.message))
+            await self._end_audit(channel, reason=exc.code.value, exit_frame=None)
+            return
+        channel.started = True
+        self.send(WsStartedOut(id=msg.id, channel_id=channel_id, kind=kind, pid=pid))
+        early, channel.early = channel.early, []
+        for frame in early:
+            self._route(channel, frame)
+
+    async def _end_audit(
+        self, channel: _Channel, *, reason: str, exit_frame: TerminalExit | None
+    ) -> None:
+        if channel.kind == "exec":
+            if channel.audit_id is not None:
+                await service.complete_audit(
+                    self.ctx.sessionmaker, channel.audit_id, reason=reason, exit_frame=exit_frame
+                )
+        else:
+            await service.record_shell_close(
+                self.ctx.sessionmaker,
+                ref=self.ref,
+                channel_id=channel.channel_id,
+                reason=reason,
+                exit_frame=exit_frame,
+            )
+
+    # ------------------------------------------------------------ agent -> client
+    async def _dispatcher(self, sub: SessionSubscription) -> None:
+        while True:
+            try:
+                item = await sub.next(None)
+            except BusError:
+                # the bus connection closed under us: the watcher's bounds end the channels
+                await asyncio.sleep(self.s.session_watch_interval_s)
+                continue
+            if item is None or isinstance(item, FramesDropped):
+                continue  # the channels' seq shows exactly what was lost
+            frame = item.frame
+            if isinstance(frame, TunnelClosed):
+                self._begin_closing("agent_closed")
+                continue
+            if not isinstance(frame, TerminalChunk | TerminalExit):
+                continue
+            channel = self.channels.get(frame.channel_id)
+            if channel is None:
+                continue
+            if not channel.started:
+                if len(channel.early) < _EARLY_FRAMES:
+                    channel.early.append(frame)
+                continue
+            self._route(channel, frame)
+
+    def _route(self, channel: _Channel, frame: TerminalChunk | TerminalExit) -> None:
+        for event in channel.tracker.accept(frame):
+            if isinstance(event, Chunk):
+                self.send(
+                    WsChunkOut(
+                        channel_id=channel.channel_id,
+                        seq=event.seq,
+                        stream=event.stream,
+                        data=event.data,
+                    )
+                )
+            elif isinstance(event, Gap):
+                self.send(
+                    WsGapOut(
+                        channel_id=channel.channel_id,
+                        from_seq=event.from_seq,
+                        to_seq=event.to_seq,
+                    )
+                )
+            elif isinstance(event, TerminalExit):
+                self.send(
+                    WsExitOut(
+                        channel_id=channel.channel_id,
+                        seq=event.seq,
+                        reason=event.reason,
+                        exit_code=event.exit_code,
+                        truncated=event.truncated,
+                        duration_s=event.duration_s,
+                        stdout_bytes=event.stdout_bytes,
+                        stderr_bytes=event.stderr_bytes,
+                        error=event.error,
+                    )
+                )
+                self.channels.pop(channel.channel_id, None)
+                self.ctx.background.spawn(
+                    self._end_audit(channel, reason=event.reason.value, exit_frame=event),
+                    name=f"audit-{channel.channel_id}",
+                )
+
+    # ------------------------------------------------------------ bounds and session end
+    def _begin_closing(self, reason: str) -> None:
+        if self._close_deadline is None:
+            self.closing = True
+            self._closed_reason = reason
+            self._close_deadline = time.monotonic() + self.s.exec_close_grace_s
+
+    async def _watcher(self) -> None:
+        while True:
+            await asyncio.sleep(
+                min(self.s.session_watch_interval_s, 0.1)
+                if self._close_deadline is not None
+                else self.s.session_watch_interval_s
+            )
+            now = time.monotonic()
+            for channel in list(self.channels.values()):
+                if channel.deadline is not None and now >= channel.deadline:
+                    self._lose(channel, ErrorCode.AGENT_TIMEOUT, "no exit frame within timeout")
+            if self._close_deadline is None:
+                state = await self._session_state()
+                if state is not None and state[0] != SessionState.ACTIVE.value:
+                    self._begin_closing(state[1] or state[0])
+                continue
+            if self.channels and now < self._close_deadline:
+                continue  # running channels still get their exit frames
+            for channel in list(self.channels.values()):
+                self._lose(channel, ErrorCode.SESSION_CLOSED, "the session closed")
+            state = await self._session_state()
+            reason = (state[1] if state and state[1] else None) or self._closed_reason or "closed"
+            self.send(WsSessionClosedOut(reason=reason))
+            if not self.overflowed:
+                self.queue.put_nowait(_Close(CLOSE_NORMAL, "session closed"))
+            return
+
+    def _lose(self, channel: _Channel, code: ErrorCode, message: str) -> None:
+        self.channels.pop(channel.channel_id, None)
+        self.send(WsErrorOut(channel_id=channel.channel_id, code=code.value, message=message))
+        self.ctx.background.spawn(
+            self._end_audit(channel, reason=code.value, exit_frame=None),
+            name=f"audit-{channel.channel_id}",
+        )
+
+    async def _session_state(self) -> tuple[str, str | None] | None:
+        try:
+            return await asyncio.wait_for(
+                service.session_state(self.ctx.sessionmaker, self.ref.session_id),
+                self.s.request_timeout_s,
+            )
+        except Exception as exc:
+            log.info("session check failed", extra={"error": type(exc).__name__})
+            return (SessionState.ACTIVE.value, None)
+
+    def _hand_over(self, sub: SessionSubscription | None) -> None:
+        """The socket ended: cancel what still runs and record the exits in the background."""
+        running = list(self.channels.values())
+        self.channels.clear()
+        if sub is None:
+            return
+        self.ctx.background.spawn(self._drain(sub, running), name=f"ws-drain-{self.ref.session_id}")
+
+    async def _drain(self, sub: SessionSubscription, running: list[_Channel]) -> None:
+        try:
+            left = {c.channel_id: c for c in running}
+            for channel in running:
+                frame: TerminalCancel | ChannelClose = (
+                    ChannelClose(session_id=self.ref.session_id, channel_id=channel.channel_id)
+                    if channel.kind == "shell"
+                    else TerminalCancel(
+                        session_id=self.ref.session_id, channel_id=channel.channel_id
+                    )
+                )
+                with contextlib.suppress(BusError):
+                    await self.ctx.bus.publish_session_down(self.ref.session_id, frame)
+            deadline = time.monotonic() + self.s.exec_close_grace_s
+            while left and (wait := deadline - time.monotonic()) > 0:
+                try:
+                    item = await sub.next(wait)
+                except BusError:
+                    break
+                if item is None or isinstance(item, FramesDropped):
+                    continue
+                exit_frame = item.frame
+                if isinstance(exit_frame, TerminalExit) and exit_frame.channel_id in left:
+                    channel = left.pop(exit_frame.channel_id)
+                    await self._end_audit(
+                        channel, reason=exit_frame.reason.value, exit_frame=exit_frame
+                    )
+            for channel in left.values():
+                await self._end_audit(channel, reason="client_gone", exit_frame=None)
+        finally:
+            await sub.close()
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid message"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+    return f"{where}: {first.get('msg', 'invalid')}"[:512]

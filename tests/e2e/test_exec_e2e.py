@@ -1,0 +1,290 @@
+"""Work inside a session end to end: REST exec, NDJSON and the WebSocket through the real API,
+gateway and agent processes on real NATS (SQLite and PostgreSQL), running real commands."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from devstack.processes import ManagedProcess
+from devstack.stack import API_PREFIX, EnrolledAgent, Stack
+
+pytestmark = pytest.mark.slow
+
+FAST_GATEWAY_ENV = {"GT_GATEWAY_MAX_FRAMES_PER_S": "5000", "GT_GATEWAY_FRAME_BURST": "10000"}
+"""The gateway drops agent frames past its per-connection rate limit (200/s, burst 400 by
+default) with ``error{rate_limited}``; a 10 MB command is ~420 frames (pipe reads of ~24 KiB),
+so at full speed the API (rightly) shows gaps. These tests' agents use a gateway of their own
+with a limit high enough for bulk output."""
+
+TEN_MB_COMMAND = ["seq", "-f", "%09.0f", "1", "1000000"]
+"""Prints 1..1000000 as 9 digits and a newline: exactly 10,000,000 bytes."""
+
+
+def _ten_mb() -> bytes:
+    return b"".join(b"%09d\n" % i for i in range(1, 1000001))
+
+
+@pytest.fixture(scope="module")
+def admin(stack: Stack) -> tuple[str, str]:
+    username = f"admin{secrets.token_hex(3)}"
+    return username, stack.create_admin(username)
+
+
+@pytest.fixture
+async def client(stack: Stack, admin: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    token = stack.token(*admin)
+    async with httpx.AsyncClient(
+        base_url=f"{stack.api_url}{API_PREFIX}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    ) as c:
+        yield c
+
+
+async def _wait_online(client: httpx.AsyncClient, agent_id: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = await client.get(f"/agents/{agent_id}")
+        if r.status_code == 200 and r.json()["online"] is True:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"agent {agent_id} not online within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def fast_gateway(stack: Stack) -> int:
+    """Index of this module's gateway with a bulk-output rate limit (see FAST_GATEWAY_ENV)."""
+    stack.start_gateway(
+        "gwfast",
+        GT_GATEWAY_MAX_FRAMES_PER_S=FAST_GATEWAY_ENV["GT_GATEWAY_MAX_FRAMES_PER_S"],
+        GT_GATEWAY_FRAME_BURST=FAST_GATEWAY_ENV["GT_GATEWAY_FRAME_BURST"],
+    )
+    return len(stack.gateways) - 1
+
+
+@pytest.fixture
+async def session(stack: Stack, client: httpx.AsyncClient, fast_gateway: int) -> AsyncIterator[str]:
+    """An active session on a real agent process."""
+    r = await client.post("/agents", json={"name": f"agent-{secrets.token_hex(3)}"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    agent = EnrolledAgent(
+        id=body["agent"]["id"], name=body["agent"]["name"], credential=body["credential"]
+    )
+    proc: ManagedProcess = stack.start_agent(agent, gateway_index=fast_gateway)
+    try:
+        await _wait_online(client, agent.id)
+        r = await client.post("/tunnel/open", json={"agent_id": agent.id})
+        assert r.status_code == 201, r.text
+        yield str(r.json()["id"])
+    finally:
+        proc.stop()
+
+
+async def _exec(client: httpx.AsyncClient, session: str, **body: Any) -> dict[str, Any]:
+    r = await client.post(f"/tunnel/{session}/exec", json=body)
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+async def test_echo_and_exit_codes_0_1_127_with_stdout_and_stderr_apart(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """echo prints; exit 1 is 1; an unknown command through the shell is 127; streams apart."""
+    r = await _exec(client, session, argv=["echo", "hello world"])
+    assert (r["stdout"], r["stderr"], r["exit_code"], r["reason"]) == (
+        "hello world\n",
+        "",
+        0,
+        "exited",
+    )
+    assert (await _exec(client, session, command="exit 1"))["exit_code"] == 1
+    r = await _exec(client, session, command="nosuchcmd-xyz")
+    assert r["exit_code"] == 127 and "nosuchcmd-xyz" in r["stderr"]
+    r = await _exec(client, session, command="echo out; echo err >&2")
+    assert (r["stdout"], r["stderr"]) == ("out\n", "err\n")
+    assert (r["stdout_bytes"], r["stderr_bytes"], r["gaps"]) == (4, 4, [])
+
+
+async def test_ten_megabytes_arrive_complete_and_in_order_over_rest_and_ndjson(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """10 MB of output: the full result and the NDJSON chunks hash like the expected bytes."""
+    expected = hashlib.sha256(_ten_mb()).hexdigest()
+    resp = await client.post(
+        f"/tunnel/{session}/exec", json={"argv": TEN_MB_COMMAND}, params={"encoding": "base64"}
+    )
+    assert resp.status_code == 200, resp.text
+    r = resp.json()
+    data = base64.b64decode(r["stdout"])
+    assert (len(data), r["stdout_bytes"], r["truncated"], r["gaps"]) == (
+        10_000_000,
+        10_000_000,
+        False,
+        [],
+    )
+    assert hashlib.sha256(data).hexdigest() == expected
+
+    digest, seqs = hashlib.sha256(), []
+    async with client.stream(
+        "POST", f"/tunnel/{session}/exec", json={"argv": TEN_MB_COMMAND}, params={"stream": "true"}
+    ) as stream:
+        async for line in stream.aiter_lines():
+            event = json.loads(line)
+            if event["event"] == "chunk":
+                seqs.append(event["seq"])
+                digest.update(base64.b64decode(event["data"]))
+            assert event["event"] not in ("gap", "error"), event
+    assert seqs == list(range(len(seqs))) and digest.hexdigest() == expected
+
+
+async def _ws(stack: Stack, client: httpx.AsyncClient, session: str) -> ClientConnection:
+    r = await client.post(f"/tunnel/{session}/ws-ticket")
+    assert r.status_code == 201, r.text
+    url = f"{stack.api_url.replace('http://', 'ws://')}{API_PREFIX}/tunnel/{session}/ws"
+    return await connect(f"{url}?ticket={r.json()['ticket']}", max_size=8 * 1024 * 1024)
+
+
+async def _next(ws: ClientConnection, timeout_s: float = 30) -> dict[str, Any]:
+    async with asyncio.timeout(timeout_s):
+        msg: dict[str, Any] = json.loads(await ws.recv())
+        return msg
+
+
+async def test_ten_megabytes_arrive_complete_and_in_order_over_the_websocket(
+    stack: Stack, client: httpx.AsyncClient, session: str
+) -> None:
+    """The same 10 MB through the WebSocket: chunks in seq order, no gap, same SHA-256."""
+    expected = hashlib.sha256(_ten_mb()).hexdigest()
+    ws = await _ws(stack, client, session)
+    try:
+        await ws.send(json.dumps({"type": "exec", "argv": TEN_MB_COMMAND, "id": "big"}))
+        digest, expected_seq = hashlib.sha256(), 0
+        while True:
+            msg = await _next(ws)
+            assert msg["type"] not in ("gap", "error"), msg
+            if msg["type"] == "chunk":
+                assert msg["seq"] == expected_seq
+                expected_seq += 1
+                digest.update(base64.b64decode(msg["data"]))
+            elif msg["type"] == "exit":
+                assert msg["exit_code"] == 0 and msg["stdout_bytes"] == 10_000_000
+                break
+        assert digest.hexdigest() == expected
+    finally:
+        await ws.close()
+
+
+async def test_timeout_kills_the_whole_process_tree(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """A command past its timeout_s ends with reason timeout and its background child is gone."""
+    r = await _exec(client, session, command="sleep 300 & echo $!; wait", timeout_s=1.0)
+    assert r["reason"] == "timeout", r
+    child = int(r["stdout"].strip())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"child {child} of the timed-out command still runs")
+
+
+async def test_cancel_ends_a_running_command_with_cancelled(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """POST .../cancel on a streaming sleep: the exit event says cancelled within seconds."""
+    events: list[dict[str, Any]] = []
+    async with client.stream(
+        "POST", f"/tunnel/{session}/exec", json={"command": "sleep 60"}, params={"stream": "true"}
+    ) as stream:
+        lines = stream.aiter_lines()
+        events.append(json.loads(await anext(lines)))
+        assert events[0]["event"] == "started"
+        r = await client.post(f"/tunnel/{session}/exec/{events[0]['channel_id']}/cancel")
+        assert r.status_code == 202
+        async with asyncio.timeout(15):
+            async for line in lines:
+                events.append(json.loads(line))
+    assert events[-1]["event"] == "exit" and events[-1]["reason"] == "cancelled"
+
+
+async def test_client_that_goes_away_cancels_its_command(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """Dropping the NDJSON connection mid-command cancels it; the audit row ends cancelled."""
+    async with client.stream(
+        "POST", f"/tunnel/{session}/exec", json={"command": "sleep 60"}, params={"stream": "true"}
+    ) as stream:
+        started = json.loads(await anext(stream.aiter_lines()))
+    channel = started["channel_id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        r = await client.get("/audit", params={"session_id": session, "action": "command.run"})
+        [row] = [x for x in r.json()["data"] if x["channel_id"] == channel]
+        if row["ended_at"] is not None:
+            assert row["reason"] == "cancelled", row
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the abandoned command was not cancelled")
+
+
+async def test_output_cap_truncates_and_flags_it(client: httpx.AsyncClient, session: str) -> None:
+    """max_output_bytes=1000 on ~600 KB of output: 1000 bytes kept, truncated, all counted."""
+    r = await _exec(client, session, argv=["seq", "100000"], max_output_bytes=1000)
+    assert r["truncated"] is True and len(r["stdout"]) == 1000
+    assert r["stdout_bytes"] == len(b"".join(b"%d\n" % i for i in range(1, 100001)))
+
+
+async def test_cwd_outside_the_allowlist_is_refused(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """cwd /etc (outside the agent's allowlist) is 422 cwd_not_allowed and nothing runs."""
+    r = await client.post(f"/tunnel/{session}/exec", json={"argv": ["ls"], "cwd": "/etc"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "cwd_not_allowed"
+
+
+async def test_pty_shell_echoes_input_and_reports_the_resized_size(
+    stack: Stack, client: httpx.AsyncClient, session: str
+) -> None:
+    """A WebSocket shell: typed input is echoed, and `stty size` answers the resized rows cols."""
+    ws = await _ws(stack, client, session)
+    try:
+        await ws.send(json.dumps({"type": "shell", "cols": 80, "rows": 24}))
+        started = await _next(ws)
+        while started["type"] != "started":
+            started = await _next(ws)
+        channel = started["channel_id"]
+        await ws.send(
+            json.dumps({"type": "resize", "channel_id": channel, "cols": 133, "rows": 41})
+        )
+        typed = base64.b64encode(b"echo marker-$((6*7)); stty size\r").decode()
+        await ws.send(json.dumps({"type": "input", "channel_id": channel, "data": typed}))
+        seen = b""
+        async with asyncio.timeout(20):
+            while b"41 133" not in seen or b"marker-42" not in seen:
+                msg = await _next(ws)
+                if msg["type"] == "chunk":
+                    seen += base64.b64decode(msg["data"])
+        assert b"echo marker-$((6*7))" in seen, "input is echoed by the PTY"
+        await ws.send(json.dumps({"type": "cancel", "channel_id": channel}))
+        while (msg := await _next(ws))["type"] != "exit":
+            pass
+        assert msg["channel_id"] == channel
+    finally:
+        await ws.close()

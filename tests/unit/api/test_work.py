@@ -1,0 +1,108 @@
+"""Pure pieces of work inside a session: seq ordering, limit reasons, message shapes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from gurutunnel_api.db import utcnow
+from gurutunnel_api.sessions.models import TechSession
+from gurutunnel_api.work.limits import _reason
+from gurutunnel_api.work.schemas import (
+    ExecCreate,
+    WsErrorOut,
+    WsExitOut,
+    WsStartedOut,
+    ws_client_message,
+    ws_text,
+)
+from gurutunnel_api.work.service import ChannelTracker, Chunk, Gap
+from gurutunnel_protocol.messages import ExitReason, OutputStream, TerminalChunk, TerminalExit
+
+
+def _chunk(seq: int, data: bytes = b"x") -> TerminalChunk:
+    return TerminalChunk(
+        session_id="s", channel_id="c", seq=seq, stream=OutputStream.STDOUT, data=data
+    )
+
+
+def _exit(seq: int) -> TerminalExit:
+    return TerminalExit(
+        session_id="s",
+        channel_id="c",
+        seq=seq,
+        reason=ExitReason.EXITED,
+        exit_code=0,
+        duration_s=0.1,
+        stdout_bytes=1,
+        stderr_bytes=0,
+    )
+
+
+def test_tracker_turns_a_seq_jump_into_one_inclusive_gap_and_drops_repeats() -> None:
+    """0 then 3: gap {1, 2} before 3; a repeated 3 is dropped; the exit ends the channel."""
+    t = ChannelTracker("c")
+    assert t.accept(_chunk(0)) == [Chunk(0, OutputStream.STDOUT, b"x")]
+    assert t.accept(_chunk(3, b"d")) == [Gap(1, 2), Chunk(3, OutputStream.STDOUT, b"d")]
+    assert t.accept(_chunk(3, b"again")) == []
+    exit_frame = _exit(5)
+    assert t.accept(exit_frame) == [Gap(4, 4), exit_frame]
+    assert t.accept(_chunk(6)) == [] and t.gaps == [Gap(1, 2), Gap(4, 4)]
+
+
+def test_limit_reason_prefers_max_duration_and_counts_idle_from_the_last_activity() -> None:
+    """Open past the max: max_duration; recent activity: none; stale activity: idle_timeout."""
+    now = utcnow()
+    row = TechSession(id="s", agent_id="a", tech_id="t", state="active")
+    row.opened_at = now - timedelta(seconds=100)
+    cut = {"idle_cutoff": now - timedelta(seconds=10), "max_cutoff": now - timedelta(seconds=50)}
+    assert _reason(row, **cut) == "max_duration"
+    row.opened_at = now - timedelta(seconds=20)
+    assert _reason(row, **cut) == "idle_timeout"
+    row.last_activity_at = now - timedelta(seconds=1)
+    assert _reason(row, **cut) is None
+
+
+def test_exec_body_needs_exactly_one_of_command_and_argv_and_no_extra_field() -> None:
+    """Both, neither or an unknown field are refused; timeout_s is capped at 86400."""
+    for body in ({}, {"command": "a", "argv": ["a"]}, {"command": "a", "shell": True}):
+        with pytest.raises(ValidationError):
+            ExecCreate.model_validate(body)
+    with pytest.raises(ValidationError):
+        ExecCreate.model_validate({"command": "a", "timeout_s": 86401})
+    assert ExecCreate.model_validate({"argv": ["ls"]}).timeout_s == 300
+
+
+def test_ws_messages_leave_unset_optionals_out_but_exit_keeps_every_field() -> None:
+    """started/error omit id/pid/channel_id when unset; exit always has exit_code and error."""
+    assert ws_text(WsStartedOut(channel_id="c", kind="shell")) == (
+        '{"type":"started","channel_id":"c","kind":"shell"}'
+    )
+    assert '"id"' not in ws_text(WsErrorOut(code="x", message="m"))
+    exit_text = ws_text(
+        WsExitOut(
+            channel_id="c",
+            seq=1,
+            reason=ExitReason.CANCELLED,
+            exit_code=None,
+            truncated=False,
+            duration_s=0.5,
+            stdout_bytes=0,
+            stderr_bytes=0,
+            error=None,
+        )
+    )
+    assert '"exit_code":null' in exit_text and '"error":null' in exit_text
+
+
+def test_ws_input_larger_than_64_kib_is_refused() -> None:
+    """Keystrokes arrive in small pieces; a huge input message is a validation error."""
+    import base64
+
+    big = base64.b64encode(b"x" * (64 * 1024 + 1)).decode()
+    with pytest.raises(ValidationError):
+        ws_client_message.validate_json(f'{{"type":"input","channel_id":"c","data":"{big}"}}')
+    ok = ws_client_message.validate_json('{"type":"input","channel_id":"c","data":"aGk="}')
+    assert getattr(ok, "data", None) == b"hi"

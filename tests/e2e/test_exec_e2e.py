@@ -22,12 +22,6 @@ from devstack.stack import API_PREFIX, EnrolledAgent, Stack
 
 pytestmark = pytest.mark.slow
 
-FAST_GATEWAY_ENV = {"GT_GATEWAY_MAX_FRAMES_PER_S": "5000", "GT_GATEWAY_FRAME_BURST": "10000"}
-"""The gateway drops agent frames past its per-connection rate limit (200/s, burst 400 by
-default) with ``error{rate_limited}``; a 10 MB command is ~420 frames (pipe reads of ~24 KiB),
-so at full speed the API (rightly) shows gaps. These tests' agents use a gateway of their own
-with a limit high enough for bulk output."""
-
 TEN_MB_COMMAND = ["seq", "-f", "%09.0f", "1", "1000000"]
 """Prints 1..1000000 as 9 digits and a newline: exactly 10,000,000 bytes."""
 
@@ -63,19 +57,8 @@ async def _wait_online(client: httpx.AsyncClient, agent_id: str, timeout_s: floa
     raise AssertionError(f"agent {agent_id} not online within {timeout_s}s")
 
 
-@pytest.fixture(scope="module")
-def fast_gateway(stack: Stack) -> int:
-    """Index of this module's gateway with a bulk-output rate limit (see FAST_GATEWAY_ENV)."""
-    stack.start_gateway(
-        "gwfast",
-        GT_GATEWAY_MAX_FRAMES_PER_S=FAST_GATEWAY_ENV["GT_GATEWAY_MAX_FRAMES_PER_S"],
-        GT_GATEWAY_FRAME_BURST=FAST_GATEWAY_ENV["GT_GATEWAY_FRAME_BURST"],
-    )
-    return len(stack.gateways) - 1
-
-
 @pytest.fixture
-async def session(stack: Stack, client: httpx.AsyncClient, fast_gateway: int) -> AsyncIterator[str]:
+async def session(stack: Stack, client: httpx.AsyncClient) -> AsyncIterator[str]:
     """An active session on a real agent process."""
     r = await client.post("/agents", json={"name": f"agent-{secrets.token_hex(3)}"})
     assert r.status_code == 201, r.text
@@ -83,7 +66,7 @@ async def session(stack: Stack, client: httpx.AsyncClient, fast_gateway: int) ->
     agent = EnrolledAgent(
         id=body["agent"]["id"], name=body["agent"]["name"], credential=body["credential"]
     )
-    proc: ManagedProcess = stack.start_agent(agent, gateway_index=fast_gateway)
+    proc: ManagedProcess = stack.start_agent(agent)
     try:
         await _wait_online(client, agent.id)
         r = await client.post("/tunnel/open", json={"agent_id": agent.id})

@@ -41,7 +41,13 @@ class GatewaySettings(BaseSettings):
     agent_heartbeat_interval_s: float = Field(default=30.0, gt=0)
     # per-connection rate limit on agent frames (token bucket; RELIABILITY.md 12)
     max_frames_per_s: float = Field(default=200.0, gt=0)
+    """Control frames (heartbeats, answers, errors) an agent may send per second; over it they
+    are dropped with ``error{rate_limited}``. Session data frames are shaped by bytes instead."""
     frame_burst: int = Field(default=400, gt=0)
+    max_read_bytes_per_s: float = Field(default=32 * 1024 * 1024, gt=0)
+    """Bytes an agent may send per second, all frames counted; over it the gateway reads more
+    slowly (TCP back-pressure to the agent) instead of dropping anything."""
+    read_burst_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
 
     # requests forwarded from agent.<id>.cmd
     command_timeout_s: float = Field(default=30.0, gt=0)

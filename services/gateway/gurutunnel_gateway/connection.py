@@ -18,8 +18,11 @@ Contract (docs/design.md "Agent socket" and "Bus"):
 - Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
   socket with ``CloseCode.BACKPRESSURE`` (a request that could not be queued is also answered
   ``CommandFailed{agent_backpressure}``).
-- Agent frames are rate limited per connection (token bucket: ``max_frames_per_s``, burst
-  ``frame_burst``); a frame over the limit is dropped and answered ``error{rate_limited}``.
+- Agent control frames (heartbeats, answers, errors) are rate limited per connection (token
+  bucket: ``max_frames_per_s``, burst ``frame_burst``); one over the limit is dropped and
+  answered ``error{rate_limited}``. Every frame also spends ``max_read_bytes_per_s`` byte tokens
+  (burst ``read_burst_bytes``); over that budget the gateway reads more slowly, pushing back on
+  the agent's TCP stream: session data (output, file chunks) is shaped, never dropped.
 - Bad agent frames (undecodable, binary, naming a session this connection does not hold, over
   the rate limit) get an ``error`` frame and the loop goes on; ``max_consecutive_errors`` in a
   row close with ``CloseCode.TOO_MANY_ERRORS``. A gateway bug while handling a frame is logged
@@ -66,11 +69,15 @@ from gurutunnel_protocol.messages import (
     CommandReply,
     DisconnectReason,
     ErrorFrame,
+    FileAck,
+    FileChunk,
     Frame,
     Heartbeat,
     SessionUp,
+    TerminalChunk,
     TunnelClose,
     TunnelClosed,
+    TunnelData,
     TunnelReady,
     Welcome,
 )
@@ -83,6 +90,9 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = logging.getLogger(__name__)
+
+# Session data: limited by the byte budget (shaped), not by the control-frame rate (dropped).
+DATA_TYPES = (TunnelData, TerminalChunk, FileChunk, FileAck)
 
 PING_TIMEOUT_REASON = "keepalive ping timeout"  # websockets' close reason on a missed pong
 
@@ -130,15 +140,24 @@ class TokenBucket:
         self._clock = clock
         self._last = clock()
 
-    def take(self) -> bool:
-        """Spend one token if there is one; False means over the limit."""
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
+
+    def take(self) -> bool:
+        """Spend one token if there is one; False means over the limit."""
+        self._refill()
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
         return False
+
+    def reserve(self, tokens: float) -> float:
+        """Spend ``tokens`` now, going into debt if needed; the seconds until the debt is paid."""
+        self._refill()
+        self._tokens -= tokens
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 def _where(exc: BaseException) -> str:
@@ -189,6 +208,9 @@ class AgentConnection:
         self._ended = False
         self._errors = 0
         self._rate = TokenBucket(deps.settings.max_frames_per_s, deps.settings.frame_burst)
+        self._read_bytes = TokenBucket(
+            deps.settings.max_read_bytes_per_s, deps.settings.read_burst_bytes
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -327,12 +349,11 @@ class AgentConnection:
             async for message in self.ws:
                 if self.closing:
                     continue  # closing (revoked, replaced, ...): nothing more is acted upon
-                if not self._rate.take():
-                    self._refuse(
-                        ErrorCode.RATE_LIMITED,
-                        f"more than {self._settings.max_frames_per_s:g} frames/s; frame dropped",
-                    )
-                    continue
+                # Bytes are shaped, never dropped: reading later pushes back on the agent's TCP
+                # stream, so bulk output slows down instead of losing frames.
+                delay = self._read_bytes.reserve(len(message))
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 try:
                     await self._on_message(message)
                 except ProtocolError as exc:
@@ -356,6 +377,11 @@ class AgentConnection:
                 ErrorCode.MALFORMED_FRAME, "binary frames are not supported by this gateway"
             )
         frame = decode_agent_to_server(message, self._settings.max_frame_bytes)
+        if not isinstance(frame, DATA_TYPES) and not self._rate.take():
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self._settings.max_frames_per_s:g} control frames/s; frame dropped",
+            )
         await self._on_agent_frame(frame)
 
     async def _write(self) -> None:

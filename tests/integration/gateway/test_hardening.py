@@ -16,19 +16,28 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gurutunnel_gateway.auth import AgentIdentity
 from gurutunnel_gateway.server import Gateway
 from gurutunnel_protocol import CloseCode, ErrorCode, Subjects, new_id
-from gurutunnel_protocol.envelope import decode_agent_heartbeat, decode_command_result, encode
+from gurutunnel_protocol.envelope import (
+    decode_agent_heartbeat,
+    decode_command_result,
+    decode_session_up,
+    encode,
+)
 from gurutunnel_protocol.messages import (
     AgentDisconnected,
     CommandFailed,
     DisconnectReason,
     ErrorFrame,
+    OutputStream,
     Terminal,
+    TerminalChunk,
+    TunnelData,
     Welcome,
 )
 
 from .agent_client import agent_socket, connect_url, heartbeat, recv_frame, send_frame
 from .conftest import StartGateway, wait_presence
 from .credentials import mint_agent_credential
+from .test_gateway import open_session
 
 Key = tuple[Ed25519PrivateKey, str]
 TIMEOUT_S = 5.0
@@ -157,3 +166,61 @@ async def test_frames_over_the_rate_limit_are_refused_and_sustained_abuse_closes
             await send_frame(ws, heartbeat())
         assert await closed_code(ws) == CloseCode.TOO_MANY_ERRORS
     assert beats.pending_msgs == 0  # nothing beyond the burst was published
+
+
+async def test_session_data_is_never_dropped_by_the_control_frame_limit(
+    start_gateway: StartGateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """Far more data frames than the control-frame limit allows all arrive, in order."""
+    gateway = await start_gateway(max_frames_per_s=0.5, frame_burst=2, max_consecutive_errors=5)
+    agent_id = new_id()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        session_id, _ = await open_session(ws, nc, subjects, agent_id)
+        up = await nc.subscribe(subjects.session_up(session_id))
+        await nc.flush()
+        for i in range(60):
+            chunk = TerminalChunk(
+                session_id=session_id,
+                channel_id="c1",
+                seq=i,
+                stream=OutputStream.STDOUT,
+                data=f"line {i}\n".encode(),
+            )
+            await send_frame(ws, chunk)
+        seqs = []
+        for _ in range(60):
+            msg = await up.next_msg(timeout=TIMEOUT_S)
+            frame = decode_session_up(msg.data).frame
+            assert isinstance(frame, TerminalChunk)
+            seqs.append(frame.seq)
+        assert seqs == list(range(60))
+
+
+async def test_bytes_over_the_read_budget_are_slowed_not_dropped(
+    start_gateway: StartGateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """Past the byte budget the gateway reads more slowly; every frame still arrives."""
+    rate, burst, frame_bytes, count = 400_000, 64_000, 48_000, 12
+    gateway = await start_gateway(max_read_bytes_per_s=rate, read_burst_bytes=burst)
+    agent_id = new_id()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        session_id, _ = await open_session(ws, nc, subjects, agent_id)
+        up = await nc.subscribe(subjects.session_up(session_id))
+        await nc.flush()
+        started = time.monotonic()
+        for i in range(count):
+            await send_frame(
+                ws,
+                TunnelData(session_id=session_id, channel_id="c1", data=bytes([i]) * frame_bytes),
+            )
+        received = [
+            decode_session_up((await up.next_msg(timeout=TIMEOUT_S)).data).frame
+            for _ in range(count)
+        ]
+        elapsed = time.monotonic() - started
+    assert [f.data[0] for f in received if isinstance(f, TunnelData)] == list(range(count))
+    # base64 makes each frame ~4/3 of its data; the budget cannot be beaten, only met
+    wire_bytes = count * frame_bytes * 4 / 3
+    assert elapsed >= (wire_bytes - burst) / rate * 0.9

@@ -382,6 +382,18 @@ def test_token_bucket_allows_the_burst_then_the_rate() -> None:
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # capped at burst
 
 
+def test_token_bucket_reserve_goes_into_debt_and_says_how_long_to_wait() -> None:
+    """reserve() always spends; the answer is the time until the bucket is back to zero."""
+    now = [0.0]
+    bucket = TokenBucket(100.0, 50, clock=lambda: now[0])
+    assert bucket.reserve(40) == 0.0
+    assert bucket.reserve(30) == pytest.approx(0.2)  # 20 tokens short at 100/s
+    now[0] += 0.2
+    assert bucket.reserve(10) == pytest.approx(0.1)
+    now[0] += 10
+    assert bucket.reserve(50) == 0.0  # refilled, capped at the burst
+
+
 def heartbeat_frame() -> Heartbeat:
     return Heartbeat(
         sent_at=datetime.now(UTC),

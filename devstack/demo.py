@@ -47,6 +47,14 @@ Copy and paste:
   (the token lasts 15 minutes; get another with
    curl -s {json} -d '{login}' {api}/auth/token)
 
+Or with the technician CLI (in another terminal: source .venv/bin/activate):
+
+  gurutunnel login --api {stack.api_url} --username admin
+  SID=$(gurutunnel open {agent_id})
+  gurutunnel exec $SID -- uname -a
+  gurutunnel shell $SID
+  gurutunnel close $SID
+
 Press Ctrl-C to stop everything.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from datetime import timedelta
 
@@ -11,6 +12,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gurutunnel_api import security
 from gurutunnel_api.auth.models import Role
 from gurutunnel_api.db import utcnow
 from gurutunnel_api.security import (
@@ -123,42 +125,68 @@ def test_agent_credential_verifies_with_the_public_key_only() -> None:
         verify_agent_credential(tech, public_key=key.public_key())
 
 
-async def test_password_checks_do_not_stall_the_event_loop() -> None:
-    """Two argon2 verifications run in worker threads: the loop keeps ticking meanwhile."""
+class _SlowVerify:
+    """Stands in for argon2's verify: records the threads and the overlap of its calls."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+        self.threads: set[str] = set()
+
+    def __call__(self, password_hash: str, password: str) -> bool:
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.threads.add(threading.current_thread().name)
+        time.sleep(self.hold_s)
+        with self.lock:
+            self.running -= 1
+        return password == PASSWORD
+
+
+async def test_password_checks_do_not_stall_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Verifications run in worker threads: the loop keeps ticking while they work."""
+    slow = _SlowVerify(hold_s=0.3)
+    monkeypatch.setattr(security, "verify_password", slow)
     passwords = PasswordHashing(2)
-    stored = _stored()
-    gaps: list[float] = []
+    ticks = 0
     stop = asyncio.Event()
 
     async def ticker() -> None:
-        last = time.monotonic()
+        nonlocal ticks
         while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            await asyncio.sleep(0.01)
+            ticks += 1
 
     tick = asyncio.create_task(ticker())
-    started = time.monotonic()
-    results = await asyncio.gather(
-        passwords.verify(stored, PASSWORD), passwords.verify(stored, "wrong")
-    )
-    elapsed = time.monotonic() - started
+    results = await asyncio.gather(passwords.verify("h", PASSWORD), passwords.verify("h", "x"))
     stop.set()
     await tick
     assert list(results) == [True, False]
-    # one verification costs far more than a tick; on the loop it would show up as a gap
-    assert elapsed > 0.05, elapsed
-    assert max(gaps) < elapsed / 2, (max(gaps), elapsed)
+    assert threading.main_thread().name not in slow.threads
+    # 0.3 s of work on the loop would allow no tick at all; off the loop it allows ~30
+    assert ticks >= 5, ticks
 
 
-async def test_password_hashing_concurrency_is_bounded_by_the_setting() -> None:
-    """With concurrency 1, two verifications run one after the other."""
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_password_hashing_concurrency_is_bounded_by_the_setting(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    """However many logins arrive at once, at most `concurrency` verifications overlap."""
+    slow = _SlowVerify(hold_s=0.05)
+    monkeypatch.setattr(security, "verify_password", slow)
+    passwords = PasswordHashing(concurrency)
+    await asyncio.gather(*(passwords.verify("h", PASSWORD) for _ in range(6)))
+    assert slow.max_running == concurrency
+
+
+async def test_real_argon2_verification_still_works_through_the_pool() -> None:
+    """The pool calls the real argon2 verify: right password True, wrong False."""
+    passwords = PasswordHashing(2)
     stored = _stored()
-    serial = PasswordHashing(1)
-    one = time.monotonic()
-    await serial.verify(stored, PASSWORD)
-    single = time.monotonic() - one
-    started = time.monotonic()
-    await asyncio.gather(serial.verify(stored, PASSWORD), serial.verify(stored, PASSWORD))
-    assert time.monotonic() - started > 1.6 * single
+    assert await passwords.verify(stored, PASSWORD) is True
+    assert await passwords.verify(stored, "wrong") is False

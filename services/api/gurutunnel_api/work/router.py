@@ -3,7 +3,11 @@ the live WebSocket. The contract is the README's "Inside a session" and /tmp/exe
 
 A client that goes away mid-command (the HTTP connection closes) cancels the command on the
 agent: a watcher awaits the ASGI ``http.disconnect`` and cancels the request's work, whose
-``CommandRun`` then publishes ``terminal.cancel``.
+``CommandRun`` then publishes ``terminal.cancel``. The NDJSON body (:class:`_CommandStream`)
+bounds each write by ``ws_send_timeout_s``: a client that stops reading is dropped (the body
+ends unfinished) and its command abandoned the same way; so is a command whose stream is never
+served (client gone right after the start, or the response never called within
+``request_timeout_s``).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from gurutunnel_protocol import ErrorCode, validate_id
 from gurutunnel_protocol.messages import TerminalCancel, TerminalExit
@@ -61,9 +66,9 @@ class _ClientGone(Exception):
     """The HTTP client disconnected while its command ran."""
 
 
-async def _until_disconnected(request: Request) -> None:
+async def _until_disconnected(receive: Receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
@@ -71,7 +76,7 @@ async def _until_disconnected(request: Request) -> None:
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; if the client disconnects first, cancel it and raise ``_ClientGone``."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher = asyncio.ensure_future(_until_disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -121,73 +126,121 @@ async def exec_command(
     work: WorkDep,
     stream: bool = False,
     encoding: Encoding = "utf-8",
-) -> ExecResult | StreamingResponse:
+) -> ExecResult | Response:
     ref = await service.authorize(db, session_id=session_id, tech=tech)
     try:
         run, started = await _unless_client_leaves(request, _start(work, ref, body))
     except _ClientGone:
         raise ApiError("client went away", code=ErrorCode.INTERNAL_ERROR) from None
-    if _wants_stream(request, stream):
-        return StreamingResponse(
-            _ndjson(request, run, started), media_type=NDJSON, headers={"Cache-Control": "no-store"}
-        )
     try:
+        if await request.is_disconnected():
+            raise _ClientGone
+        if _wants_stream(request, stream):
+            response = _CommandStream(run, started, send_timeout_s=work.settings.ws_send_timeout_s)
+            work.background.spawn(
+                _abandon_unless_served(response, bound_s=work.settings.request_timeout_s),
+                name=f"ndjson-guard-{started.channel_id}",
+            )
+            return response
         return await _unless_client_leaves(request, service.collect(run, encoding=encoding))
-    except _ClientGone:
-        # nobody reads the answer; the command was cancelled on the agent by CommandRun
-        raise ApiError("client went away", code=ErrorCode.INTERNAL_ERROR) from None
+    except BaseException as exc:
+        run.abandon()  # a no-op once the run ended; otherwise cancel it on the agent
+        if isinstance(exc, _ClientGone):
+            # nobody reads the answer
+            raise ApiError("client went away", code=ErrorCode.INTERNAL_ERROR) from None
+        raise
 
 
-async def _ndjson(
-    request: Request, run: CommandRun, started: StartedCommand
-) -> AsyncIterator[bytes]:
-    """The NDJSON lines of one command; a client that leaves cancels it (see the module doc)."""
-    current = asyncio.current_task()
-    assert current is not None
-    gone = False
+class _SendTimeout(Exception):
+    """The client did not take a part of the body within the send bound."""
 
-    async def watch() -> None:
-        nonlocal gone
-        await _until_disconnected(request)
-        gone = True
-        current.cancel()
 
-    watcher = asyncio.ensure_future(watch())
-    events: AsyncGenerator[service.Event, None] = run.events()
-    try:
-        yield ndjson_line(StreamStarted(channel_id=started.channel_id, pid=started.pid))
+class _CommandStream(Response):
+    """The NDJSON body of one started command (see the module contract).
+
+    Every ``send`` is bounded by ``send_timeout_s``; whatever ends the body (the exit line, a
+    client that leaves, a client that stops reading, a cancellation, even before the first
+    byte) the run is closed: its events generator and, if it has not ended, ``abandon()``."""
+
+    media_type = NDJSON
+
+    def __init__(self, run: CommandRun, started: StartedCommand, *, send_timeout_s: float) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-store"})
+        self.run = run
+        self.started = started
+        self.send_timeout_s = send_timeout_s
+        self.called = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.called.set()
+        events: AsyncGenerator[service.Event, None] = self.run.events()
+        body = asyncio.ensure_future(self._body(send, events))
+        watcher = asyncio.ensure_future(_until_disconnected(receive))
+        try:
+            await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            body.cancel()
+            watcher.cancel()
+            try:
+                await asyncio.gather(body, watcher, return_exceptions=True)
+                await events.aclose()
+            finally:
+                self.run.abandon()  # a no-op once the run ended (also when never started)
+        if not body.cancelled() and isinstance(body.exception(), _SendTimeout):
+            log.info(
+                "NDJSON client stopped reading; command abandoned",
+                extra={"session_id": self.run.ref.session_id},
+            )
+
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            await asyncio.wait_for(send(message), self.send_timeout_s)
+        except TimeoutError:
+            raise _SendTimeout from None
+
+    async def _body(self, send: Send, events: AsyncGenerator[service.Event, None]) -> None:
+        await self._send(
+            send, {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        )
+        first = ndjson_line(StreamStarted(channel_id=self.started.channel_id, pid=self.started.pid))
+        await self._send(send, {"type": "http.response.body", "body": first, "more_body": True})
         async for event in events:
-            if isinstance(event, Chunk):
-                line = ndjson_line(StreamChunk(seq=event.seq, stream=event.stream, data=event.data))
-            elif isinstance(event, Gap):
-                line = ndjson_line(StreamGap(from_seq=event.from_seq, to_seq=event.to_seq))
-            elif isinstance(event, TerminalExit):
-                line = ndjson_line(
-                    StreamExit(
-                        seq=event.seq,
-                        reason=event.reason,
-                        exit_code=event.exit_code,
-                        truncated=event.truncated,
-                        duration_s=event.duration_s,
-                        stdout_bytes=event.stdout_bytes,
-                        stderr_bytes=event.stderr_bytes,
-                        error=event.error,
-                    )
-                )
-            else:
-                assert isinstance(event, Lost)
-                line = ndjson_line(StreamError(code=event.code.value, message=event.message))
-            yield line
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        # the client left: end quietly; closing ``events`` below cancels the command
-        current.uncancel()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(BaseException):
-            await watcher
-        await events.aclose()
+            line = _line(event)
+            await self._send(send, {"type": "http.response.body", "body": line, "more_body": True})
+        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _abandon_unless_served(response: _CommandStream, *, bound_s: float) -> None:
+    """A stream response that is never called (the request cancelled between the handler and
+    the body) still ends its run."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(response.called.wait(), bound_s)
+        return
+    response.run.abandon()
+
+
+def _line(event: service.Event) -> bytes:
+    if isinstance(event, Chunk):
+        return ndjson_line(StreamChunk(seq=event.seq, stream=event.stream, data=event.data))
+    if isinstance(event, Gap):
+        return ndjson_line(StreamGap(from_seq=event.from_seq, to_seq=event.to_seq))
+    if isinstance(event, TerminalExit):
+        return ndjson_line(
+            StreamExit(
+                seq=event.seq,
+                reason=event.reason,
+                exit_code=event.exit_code,
+                truncated=event.truncated,
+                duration_s=event.duration_s,
+                stdout_bytes=event.stdout_bytes,
+                stderr_bytes=event.stderr_bytes,
+                error=event.error,
+            )
+        )
+    assert isinstance(event, Lost)
+    return ndjson_line(StreamError(code=event.code.value, message=event.message))
 
 
 @router.post(
@@ -245,12 +298,8 @@ async def session_socket(
         return
     try:
         async with work.sessionmaker() as db:
-            tech_id, is_admin = await service.redeem_ticket(
-                db, ticket=ticket, session_id=session_id
-            )
-            ref = await service.authorize_ids(
-                db, session_id=session_id, tech_id=tech_id, is_admin=is_admin
-            )
+            tech_id, role = await service.redeem_ticket(db, ticket=ticket, session_id=session_id)
+            ref = await service.authorize_ids(db, session_id=session_id, tech_id=tech_id, role=role)
     except ApiError as exc:
         code = CLOSE_SESSION_NOT_ACTIVE if exc.status == 409 else CLOSE_TICKET_REFUSED
         await websocket.close(code, exc.message[:120])

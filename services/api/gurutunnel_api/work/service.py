@@ -1,13 +1,16 @@
 """Work inside a session: who may act, audit before send, one command from start to exit.
 
 Contract:
-- ``authorize(db, session_id, tech)``: 404 ``not_found`` for no such session, 403 ``forbidden``
+- ``authorize(db, session_id, tech)``: 403 ``forbidden`` unless the technician's role is admin or
+  tech (a viewer never acts), 404 ``not_found`` for no such session, 403 ``forbidden``
   unless the technician owns it or is an admin, 409 ``conflict`` "session is <state>" unless it
   is ``active``. It returns plain ids (:class:`SessionRef`), never an ORM row.
 - ``begin_audit`` writes and COMMITS the ``command.run`` / ``shell.open`` row (and records the
   session's activity) before anything is sent; any database failure there is 503
-  ``database_unavailable`` and nothing is sent. ``complete_audit`` fills in the end (exit
-  reason or refusal code, exit code, duration, bytes, truncated) on a fresh database session.
+  ``database_unavailable`` and nothing is sent; a session no longer active (the reaper closed
+  it after ``authorize``) is 409 ``conflict`` "session is <state>", rolled back, nothing sent.
+  ``complete_audit`` fills in the end (exit reason or refusal code, exit code, duration, bytes,
+  truncated) on a fresh database session.
 - ``start_command`` subscribes to ``session.<id>.up`` BEFORE it sends ``terminal.command``, then
   waits ``exec_start_timeout_s`` for ``terminal.started``. Refusals map through
   :func:`..errors.work_refusal` (409 ``agent_offline``, 422 ``cwd_not_allowed`` /
@@ -19,9 +22,14 @@ Contract:
   ``timeout_s + exec_grace_s`` (``agent_timeout``) or within ``exec_close_grace_s`` after the
   session stopped being active (``session_closed``; checked every ``session_watch_interval_s``
   and on a ``tunnel.closed`` frame). Frames of other channels are ignored.
-- A run that is abandoned before its end (client gone, response cancelled) publishes
-  ``terminal.cancel`` and hands its subscription to a background task that waits at most
-  ``exec_close_grace_s`` for the exit frame to complete the audit row.
+- A run that is abandoned before its end (client gone, reader stalled, response cancelled or
+  never started: ``CommandRun.abandon()``, idempotent) publishes ``terminal.cancel`` and hands its
+  subscription to a background task that waits at most ``exec_close_grace_s`` for the exit
+  frame to complete the audit row (``client_gone`` when none came).
+- Cancellation never leaves an audit row open or a subscription registered: the start's steps
+  run under ``_guarded`` (a row or subscription acquired after the caller was cancelled is
+  released in the background) and every end (exit, loss, abandonment, refusal) is one shielded
+  background task.
 - ``collect`` assembles a full result holding at most ``max_result_bytes`` of output
   (``truncated`` when more came).
 """
@@ -35,10 +43,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, update
@@ -80,6 +88,8 @@ from .schemas import CommandSpec, Encoding, ExecResult, GapPublic
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 # ---------------------------------------------------------------- runtime
 class TaskSet:
@@ -88,7 +98,7 @@ class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -120,24 +130,53 @@ class SessionRef:
 
 
 # ---------------------------------------------------------------- authorization and activity
+ACTING_ROLES = frozenset({Role.ADMIN.value, Role.TECH.value})
+"""Roles that may act inside a session (a viewer only reads)."""
+
+
 async def authorize(db: AsyncSession, *, session_id: str, tech: Technician) -> SessionRef:
     """The active session ``session_id`` if ``tech`` may act in it (see the module contract)."""
-    tech_id, is_admin = tech.id, tech.role == Role.ADMIN.value
-    return await authorize_ids(db, session_id=session_id, tech_id=tech_id, is_admin=is_admin)
+    return await authorize_ids(db, session_id=session_id, tech_id=tech.id, role=tech.role)
 
 
 async def authorize_ids(
-    db: AsyncSession, *, session_id: str, tech_id: str, is_admin: bool
+    db: AsyncSession, *, session_id: str, tech_id: str, role: str
 ) -> SessionRef:
+    if role not in ACTING_ROLES:
+        raise Forbidden("only a technician or an admin may act in a session")
     async with db.begin():
         row = await db.get(TechSession, session_id, populate_existing=True)
         if row is None:
             raise NotFound("session not found")
-        if row.tech_id != tech_id and not is_admin:
+        if row.tech_id != tech_id and role != Role.ADMIN.value:
             raise Forbidden("only the session's owner or an admin may act in it")
         if row.state != SessionState.ACTIVE.value:
             raise Conflict(f"session is {row.state}")
         return SessionRef(session_id=row.id, agent_id=row.agent_id, tech_id=tech_id)
+
+
+async def may_still_act(
+    sessionmaker: async_sessionmaker[AsyncSession], *, session_id: str, tech_id: str
+) -> bool:
+    """Whether ``tech_id`` still may act in ``session_id`` (exists, not disabled, role admin or
+    tech, and owner unless admin): re-checked by a live WebSocket, whose ticket was checked
+    once."""
+    async with sessionmaker() as db, db.begin():
+        tech = (
+            await db.execute(
+                select(col(Technician.role), col(Technician.disabled)).where(
+                    col(Technician.id) == tech_id
+                )
+            )
+        ).first()
+        if tech is None or tech[1] or tech[0] not in ACTING_ROLES:
+            return False
+        if tech[0] == Role.ADMIN.value:
+            return True
+        owner = await db.scalar(
+            select(col(TechSession.tech_id)).where(col(TechSession.id) == session_id)
+        )
+        return owner == tech_id
 
 
 async def session_state(
@@ -179,9 +218,12 @@ async def begin_audit(
     ref: SessionRef,
     action: AuditAction,
     channel_id: str,
-    detail: dict[str, Any],
+    detail: dict[str, Any] | None,
+    columns: dict[str, Any] | None = None,
 ) -> int:
-    """Write and commit the row (and the activity); 503 ``database_unavailable`` on failure."""
+    """Write and commit the row (and the activity); 503 ``database_unavailable`` on failure,
+    409 ``conflict`` "session is <state>" (rolled back) when the session is no longer active.
+    ``columns`` sets more columns of the row (the file columns of a transfer)."""
     try:
         async with sessionmaker() as db, db.begin():
             row = record(
@@ -193,7 +235,15 @@ async def begin_audit(
                 detail=detail,
             )
             row.channel_id = channel_id
-            await _touch(db, ref.session_id)
+            for name, value in (columns or {}).items():
+                setattr(row, name, value)
+            touched = await _touch(db, ref.session_id)
+            if getattr(touched, "rowcount", 0) != 1:
+                # the reaper (or a close) got there first: roll back, send nothing
+                state = await db.scalar(
+                    select(col(TechSession.state)).where(col(TechSession.id) == ref.session_id)
+                )
+                raise Conflict(f"session is {state or 'closed'}")
             await db.flush()
             assert row.id is not None
             return row.id
@@ -213,9 +263,11 @@ async def complete_audit(
     reason: str,
     exit_frame: TerminalExit | None = None,
     truncated: bool | None = None,
+    columns: dict[str, Any] | None = None,
 ) -> None:
-    """Fill in the end of a ``command.run`` row (logged, never raised: the command is over)."""
-    values: dict[str, Any] = {"ended_at": utcnow(), "reason": reason[:64]}
+    """Fill in the end of a ``command.run`` (or file transfer) row (logged, never raised: the
+    work is over); ``columns`` sets more columns."""
+    values: dict[str, Any] = {"ended_at": utcnow(), "reason": reason[:64], **(columns or {})}
     if exit_frame is not None:
         values |= {
             "exit_code": exit_frame.exit_code,
@@ -317,8 +369,8 @@ async def issue_ticket(db: AsyncSession, *, ref: SessionRef, ttl_s: float) -> st
     return ticket
 
 
-async def redeem_ticket(db: AsyncSession, *, ticket: str, session_id: str) -> tuple[str, bool]:
-    """Use the ticket once: (tech_id, is_admin) or ``Unauthorized`` naming why (the reason
+async def redeem_ticket(db: AsyncSession, *, ticket: str, session_id: str) -> tuple[str, str]:
+    """Use the ticket once: (tech_id, role) or ``Unauthorized`` naming why (the reason
     never contains the ticket)."""
     token_hash = _ticket_hash(ticket)
     now = utcnow()
@@ -340,7 +392,7 @@ async def redeem_ticket(db: AsyncSession, *, ticket: str, session_id: str) -> tu
         tech = await db.get(Technician, row.tech_id)
         if tech is None or tech.disabled:
             raise Unauthorized("technician unknown or disabled")
-        return tech.id, tech.role == Role.ADMIN.value
+        return tech.id, tech.role
 
 
 # ---------------------------------------------------------------- per-channel ordering
@@ -394,6 +446,61 @@ class ChannelTracker:
         return events
 
 
+# ---------------------------------------------------------------- cancellation-safe steps
+async def _guarded(
+    ctx: WorkContext,
+    coro: Coroutine[Any, Any, T],
+    undo: Callable[[T], Coroutine[Any, Any, Any]],
+    *,
+    name: str,
+) -> T:
+    """Await ``coro`` so that a cancellation cannot lose what it acquires: if the caller is
+    cancelled meanwhile, ``coro`` still finishes in the background and ``undo`` releases what it
+    returned (an audit row left open, a subscription left registered)."""
+    task: asyncio.Task[T] = ctx.background.spawn(coro, name=name)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        async def release() -> None:
+            try:
+                value = await task
+            except Exception:
+                return  # it failed: nothing to release
+            await undo(value)
+
+        ctx.background.spawn(release(), name=f"{name}-undo")
+        raise
+
+
+async def _cleanup(ctx: WorkContext, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+    """Run cleanup to its end even if the caller is cancelled meanwhile (it goes on in the
+    background; the caller still sees its cancellation)."""
+    await asyncio.shield(ctx.background.spawn(coro, name=name))
+
+
+async def begin_audit_guarded(
+    ctx: WorkContext,
+    *,
+    ref: SessionRef,
+    action: AuditAction,
+    channel_id: str,
+    detail: dict[str, Any],
+) -> int:
+    """:func:`begin_audit` that a cancellation cannot leave open: a row committed after the
+    caller was cancelled is completed with ``cancelled`` (nothing was sent)."""
+
+    async def close_row(audit_id: int) -> None:
+        await complete_audit(ctx.sessionmaker, audit_id, reason=ExitReason.CANCELLED.value)
+
+    return await _guarded(
+        ctx,
+        begin_audit(ctx.sessionmaker, ref=ref, action=action, channel_id=channel_id, detail=detail),
+        close_row,
+        name=f"audit-{channel_id}",
+    )
+
+
 # ---------------------------------------------------------------- one command
 @dataclass
 class StartedCommand:
@@ -404,22 +511,27 @@ class StartedCommand:
 async def start_command(
     ctx: WorkContext, *, ref: SessionRef, spec: CommandSpec
 ) -> tuple[CommandRun, StartedCommand]:
-    """Audit, subscribe, send ``terminal.command`` and wait for ``terminal.started``."""
+    """Audit, subscribe, send ``terminal.command`` and wait for ``terminal.started``.
+
+    Whatever ends this early (a refusal, a bus error, the caller's cancellation at any await)
+    completes the audit row and closes the subscription, in shielded cleanup."""
     channel_id = new_id()
-    audit_id = await begin_audit(
-        ctx.sessionmaker,
+    audit_id = await begin_audit_guarded(
+        ctx,
         ref=ref,
         action=AuditAction.COMMAND_RUN,
         channel_id=channel_id,
         detail=command_detail(spec),
     )
+    sub: SessionSubscription | None = None
     try:
-        sub = await ctx.bus.subscribe_session(ref.session_id)
-    except BusError as exc:
-        await complete_audit(ctx.sessionmaker, audit_id, reason=exc.code.value)
-        raise
-    started_at = time.monotonic()
-    try:
+        sub = await _guarded(
+            ctx,
+            ctx.bus.subscribe_session(ref.session_id),
+            lambda s: s.close(),
+            name=f"sub-{channel_id}",
+        )
+        started_at = time.monotonic()
         reply = await ctx.bus.request_agent(
             ref.agent_id,
             TerminalCommand(
@@ -441,15 +553,22 @@ async def start_command(
             raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
     except BaseException as exc:
         code = getattr(exc, "code", None)
-        reason = code.value if isinstance(code, ErrorCode) else "not_started"
-        if not isinstance(exc, BusError) or exc.code != ErrorCode.AGENT_OFFLINE:
-            # it may have started after all (a late answer): make sure it does not run on
-            with contextlib.suppress(BusError):
-                await ctx.bus.publish_session_down(
-                    ref.session_id, TerminalCancel(session_id=ref.session_id, channel_id=channel_id)
-                )
-        await sub.close()
-        await asyncio.shield(complete_audit(ctx.sessionmaker, audit_id, reason=reason))
+        if isinstance(code, ErrorCode):
+            reason = code.value
+        elif isinstance(exc, asyncio.CancelledError):
+            reason = ExitReason.CANCELLED.value
+        else:
+            reason = "not_started"
+        # it may have started after all (a late answer): make sure it does not run on; an
+        # offline agent or a failed subscription means nothing reached it
+        tell = sub is not None and not (
+            isinstance(exc, BusError) and exc.code == ErrorCode.AGENT_OFFLINE
+        )
+        await _cleanup(
+            ctx,
+            _undo_start(ctx, ref, channel_id, sub, audit_id, reason=reason, tell_agent=tell),
+            name=f"undo-{channel_id}",
+        )
         raise
     run = CommandRun(
         ctx,
@@ -463,8 +582,34 @@ async def start_command(
     return run, StartedCommand(channel_id=channel_id, pid=answer.pid)
 
 
+async def _undo_start(
+    ctx: WorkContext,
+    ref: SessionRef,
+    channel_id: str,
+    sub: SessionSubscription | None,
+    audit_id: int,
+    *,
+    reason: str,
+    tell_agent: bool,
+) -> None:
+    try:
+        if tell_agent:
+            with contextlib.suppress(BusError):
+                await ctx.bus.publish_session_down(
+                    ref.session_id, TerminalCancel(session_id=ref.session_id, channel_id=channel_id)
+                )
+        if sub is not None:
+            await sub.close()
+    finally:
+        await complete_audit(ctx.sessionmaker, audit_id, reason=reason)
+
+
 class CommandRun:
-    """The events of one started command (see the module contract)."""
+    """The events of one started command (see the module contract).
+
+    Its end (exit frame, loss, or abandonment) is handled exactly once, by one background task
+    (``_ending``) awaited through ``asyncio.shield``: a cancelled reader never leaves the audit
+    row open or the subscription registered."""
 
     def __init__(
         self,
@@ -486,17 +631,36 @@ class CommandRun:
         self.deadline = started_at + timeout_s + ctx.settings.exec_grace_s
         self.started_at = started_at
         self.dropped = 0
-        self.finished = False
         self.api_truncated = False
+        self._ending: asyncio.Task[None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Its end is handled (or being handled): no more abandonment needed."""
+        return self._ending is not None
+
+    def _end(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        if self._ending is None:
+            self._ending = self.ctx.background.spawn(coro, name=f"end-{self.channel_id}")
+        else:
+            coro.close()
+        return self._ending
+
+    def abandon(self) -> None:
+        """The reader went away before the end: cancel on the agent, record the exit later.
+        Idempotent; a no-op once the run ended."""
+        self._end(self._drain_after_cancel())
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """Chunks and gaps in order, ending with the exit frame or ``Lost``."""
+        if self.finished:
+            yield Lost(ErrorCode.INTERNAL_ERROR, "the command was abandoned before it was read")
+            return
         try:
             async for event in self._events():
                 yield event
         finally:
-            if not self.finished:
-                self._abandon()
+            self.abandon()
 
     async def _events(self) -> AsyncIterator[Event]:
         s = self.ctx.settings
@@ -545,8 +709,7 @@ class CommandRun:
                 continue
             for event in self.tracker.accept(frame):
                 if isinstance(event, TerminalExit):
-                    self.finished = True
-                    await asyncio.shield(self._complete(event))
+                    await asyncio.shield(self._end(self._complete(event)))
                     yield event
                     return
                 yield event
@@ -576,20 +739,19 @@ class CommandRun:
             await self.sub.close()
 
     async def _lost(self, code: ErrorCode, message: str) -> Lost:
-        self.finished = True
-        with contextlib.suppress(BusError):
-            await self.ctx.bus.publish_session_down(
-                self.ref.session_id,
-                TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
-            )
-        await self.sub.close()
-        await asyncio.shield(complete_audit(self.ctx.sessionmaker, self.audit_id, reason=code))
+        await asyncio.shield(self._end(self._cleanup_lost(code)))
         return Lost(code, message)
 
-    def _abandon(self) -> None:
-        """The reader went away before the end: cancel on the agent, record the exit later."""
-        self.finished = True
-        self.ctx.background.spawn(self._drain_after_cancel(), name=f"cancel-{self.channel_id}")
+    async def _cleanup_lost(self, code: ErrorCode) -> None:
+        try:
+            with contextlib.suppress(BusError):
+                await self.ctx.bus.publish_session_down(
+                    self.ref.session_id,
+                    TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
+                )
+            await self.sub.close()
+        finally:
+            await complete_audit(self.ctx.sessionmaker, self.audit_id, reason=code.value)
 
     async def _drain_after_cancel(self) -> None:
         try:

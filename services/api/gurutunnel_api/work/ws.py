@@ -4,21 +4,27 @@ Contract (messages in :mod:`.schemas`):
 - The socket subscribes to ``session.<id>.up`` once, before it sends any request, and routes
   each ``terminal.chunk``/``terminal.exit`` to its channel by ``channel_id`` (a jump in ``seq``
   is a ``gap`` message; frames of channels this socket did not start are ignored). Frames that
-  arrive before the agent's answer to the request are held (at most ``_EARLY_FRAMES`` per
-  channel; beyond that they are dropped and show as a gap) and sent after ``started``.
+  arrive before the agent's answer to the request are held (at most ``_EARLY_FRAMES`` chunks
+  per channel; later chunks are dropped and show as a gap; the exit frame is always kept) and
+  sent after ``started``.
 - Outgoing messages go through ONE bounded queue (``ws_send_queue_max``) drained by one writer
   task, each send bounded by ``ws_send_timeout_s``. A technician who stops reading fills it and
   the socket is closed with 1013 ("try again later": the server dropped a client that could not
   keep up) instead of growing memory.
 - Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
-  than ``ws_max_channels`` channels gets ``error{too_many_channels}``.
+  than ``ws_max_channels`` channels gets ``error{too_many_channels}`` (a slot is reserved by the
+  reader before any await, so a burst cannot pass the limit).
+- The technician is re-checked (role admin or tech, not disabled, owner unless admin) before
+  each exec/shell and on every watch tick; one no longer allowed has the socket closed with
+  4401 (running channels are then cancelled as below).
 - Activity (exec, shell open, cancel: always; input and resize: at most every
   ``activity_write_interval_s``) is written to ``tech_session.last_activity_at``; ping is not.
 - Every ``session_watch_interval_s`` the socket checks its session: once it is no longer active
   (or a ``tunnel.closed`` frame arrives), running channels get ``exec_close_grace_s`` for their
   exit frames (``error{session_closed}`` for the rest), then ``session.closed{reason}`` is sent
   and the socket closes with 1000. The same check ends commands past
-  ``timeout_s + exec_grace_s`` with ``error{agent_timeout}``.
+  ``timeout_s + exec_grace_s`` with ``error{agent_timeout}`` and ``terminal.cancel`` on the
+  agent.
 - When the socket ends, running commands are cancelled and shells closed on the agent; their
   exit frames are still awaited (at most ``exec_close_grace_s``) to complete the audit rows.
 """
@@ -84,6 +90,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_TICKET_REFUSED = 4401
 CLOSE_SESSION_NOT_ACTIVE = 4409
 _EARLY_FRAMES = 1024
+NOT_ALLOWED = "technician no longer allowed in this session"
 
 
 @dataclass
@@ -123,6 +130,9 @@ class TechSocket:
         self._closed_reason: str | None = None
         self._close_deadline: float | None = None
         self._sub: SessionSubscription | None = None
+        self._reserved = 0
+        """Channels accepted by the reader whose ``_open`` has not registered them yet."""
+        self._close_requested = False
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -214,7 +224,7 @@ class TechSocket:
             if isinstance(msg, WsPingIn):
                 self.send(WsPongOut())
             elif isinstance(msg, WsExecIn | WsShellIn):
-                if len(self.channels) >= self.s.ws_max_channels:
+                if len(self.channels) + self._reserved >= self.s.ws_max_channels:
                     self.send(
                         WsErrorOut(
                             id=msg.id,
@@ -223,6 +233,8 @@ class TechSocket:
                         )
                     )
                     continue
+                # the slot is taken now, before any await: a burst cannot pass the limit
+                self._reserved += 1
                 self._spawn(self._open(msg))
             elif isinstance(msg, WsInputIn):
                 await self._to_shell(
@@ -291,35 +303,49 @@ class TechSocket:
             self.send(WsErrorOut(channel_id=channel_id, code=exc.code.value, message=str(exc)))
 
     async def _open(self, msg: WsExecIn | WsShellIn) -> None:
-        """Audit, register the channel, send the request, announce ``started`` (or ``error``)."""
+        """Audit, register the channel, send the request, announce ``started`` (or ``error``).
+        The reader reserved a slot (``_reserved``); it is released when the channel is
+        registered or the open fails."""
         channel_id = new_id()
         kind: Literal["exec", "shell"] = "exec" if isinstance(msg, WsExecIn) else "shell"
+        registered = False
         try:
-            audit_id = await service.begin_audit(
-                self.ctx.sessionmaker,
-                ref=self.ref,
-                action=AuditAction.COMMAND_RUN if kind == "exec" else AuditAction.SHELL_OPEN,
+            if not await self._may_act():
+                self._close_with(CLOSE_TICKET_REFUSED, NOT_ALLOWED)
+                return
+            try:
+                audit_id = await service.begin_audit_guarded(
+                    self.ctx,
+                    ref=self.ref,
+                    action=AuditAction.COMMAND_RUN if kind == "exec" else AuditAction.SHELL_OPEN,
+                    channel_id=channel_id,
+                    detail=service.command_detail(msg)
+                    if isinstance(msg, WsExecIn)
+                    else {"cols": msg.cols, "rows": msg.rows},
+                )
+            except ApiError as exc:
+                self.send(WsErrorOut(id=msg.id, code=exc.code.value, message=exc.message))
+                return
+            now = time.monotonic()
+            channel = _Channel(
                 channel_id=channel_id,
-                detail=service.command_detail(msg)
+                kind=kind,
+                audit_id=audit_id,
+                deadline=now + msg.timeout_s + self.s.exec_grace_s
                 if isinstance(msg, WsExecIn)
-                else {"cols": msg.cols, "rows": msg.rows},
+                else None,
+                started_at=now,
+                client_id=msg.id,
+                tracker=ChannelTracker(channel_id),
             )
-        except ApiError as exc:
-            self.send(WsErrorOut(id=msg.id, code=exc.code.value, message=exc.message))
-            return
-        now = time.monotonic()
-        channel = _Channel(
-            channel_id=channel_id,
-            kind=kind,
-            audit_id=audit_id,
-            deadline=now + msg.timeout_s + self.s.exec_grace_s
-            if isinstance(msg, WsExecIn)
-            else None,
-            started_at=now,
-            client_id=msg.id,
-            tracker=ChannelTracker(channel_id),
-        )
-        self.channels[channel_id] = channel  # before the request: no early frame is lost
+            # before the request: no early frame is lost; from here a socket that ends hands
+            # the channel over (cancel on the agent, audit completed)
+            self.channels[channel_id] = channel
+            self._reserved -= 1
+            registered = True
+        finally:
+            if not registered:
+                self._reserved -= 1
         request = (
             TerminalCommand(
                 req_id=new_id(),
@@ -358,10 +384,23 @@ class TechSocket:
         except ApiError as exc:
             self.channels.pop(channel_id, None)
             self.send(WsErrorOut(id=msg.id, code=exc.code.value, message=exc.message))
-            await self._end_audit(channel, reason=exc.code.value, exit_frame=None)
+            # in the background: a socket ending now must not leave the row open; a late
+            # start (no answer in time) is stopped on the agent
+            self.ctx.background.spawn(
+                self._end_refused(channel, exc.code),
+                name=f"audit-{channel_id}",
+            )
             return
+        self._started(channel, pid)
+
+    def _started(self, channel: _Channel, pid: int | None) -> None:
+        """Announce ``started``, then the frames held until now (in arrival order)."""
         channel.started = True
-        self.send(WsStartedOut(id=msg.id, channel_id=channel_id, kind=kind, pid=pid))
+        self.send(
+            WsStartedOut(
+                id=channel.client_id, channel_id=channel.channel_id, kind=channel.kind, pid=pid
+            )
+        )
         early, channel.early = channel.early, []
         for frame in early:
             self._route(channel, frame)
@@ -404,7 +443,9 @@ class TechSocket:
             if channel is None:
                 continue
             if not channel.started:
-                if len(channel.early) < _EARLY_FRAMES:
+                # an exit frame is always kept; chunks beyond the bound are dropped and show as
+                # a gap (their seq is missing)
+                if isinstance(frame, TerminalExit) or len(channel.early) < _EARLY_FRAMES:
                     channel.early.append(frame)
                 continue
             self._route(channel, frame)
@@ -467,6 +508,9 @@ class TechSocket:
                 if channel.deadline is not None and now >= channel.deadline:
                     self._lose(channel, ErrorCode.AGENT_TIMEOUT, "no exit frame within timeout")
             if self._close_deadline is None:
+                if not await self._may_act():
+                    self._close_with(CLOSE_TICKET_REFUSED, NOT_ALLOWED)
+                    return
                 state = await self._session_state()
                 if state is not None and state[0] != SessionState.ACTIVE.value:
                     self._begin_closing(state[1] or state[0])
@@ -483,12 +527,61 @@ class TechSocket:
             return
 
     def _lose(self, channel: _Channel, code: ErrorCode, message: str) -> None:
+        """No exit frame within its bound: tell the client, stop it on the agent (like
+        ``CommandRun``), complete the audit."""
         self.channels.pop(channel.channel_id, None)
         self.send(WsErrorOut(channel_id=channel.channel_id, code=code.value, message=message))
         self.ctx.background.spawn(
-            self._end_audit(channel, reason=code.value, exit_frame=None),
-            name=f"audit-{channel.channel_id}",
+            self._stop_lost(channel, code), name=f"audit-{channel.channel_id}"
         )
+
+    async def _end_refused(self, channel: _Channel, code: ErrorCode) -> None:
+        if code in (ErrorCode.AGENT_OFFLINE, ErrorCode.CWD_NOT_ALLOWED, ErrorCode.INVALID_COMMAND):
+            await self._end_audit(channel, reason=code.value, exit_frame=None)
+        else:
+            await self._stop_lost(channel, code)
+
+    async def _stop_lost(self, channel: _Channel, code: ErrorCode) -> None:
+        try:
+            with contextlib.suppress(BusError):
+                await self.ctx.bus.publish_session_down(
+                    self.ref.session_id, self._stop_frame(channel)
+                )
+        finally:
+            await self._end_audit(channel, reason=code.value, exit_frame=None)
+
+    def _stop_frame(self, channel: _Channel) -> TerminalCancel | ChannelClose:
+        if channel.kind == "shell":
+            return ChannelClose(session_id=self.ref.session_id, channel_id=channel.channel_id)
+        return TerminalCancel(session_id=self.ref.session_id, channel_id=channel.channel_id)
+
+    async def _may_act(self) -> bool:
+        """The technician still may act here (role, disabled, ownership); a database that does
+        not answer is not a reason to close (the next tick checks again)."""
+        try:
+            return await asyncio.wait_for(
+                service.may_still_act(
+                    self.ctx.sessionmaker,
+                    session_id=self.ref.session_id,
+                    tech_id=self.ref.tech_id,
+                ),
+                self.s.request_timeout_s,
+            )
+        except Exception as exc:
+            log.info("technician check failed", extra={"error": type(exc).__name__})
+            return True
+
+    def _close_with(self, code: int, reason: str) -> None:
+        """Close the socket with ``code`` after what is queued (the oldest message makes room
+        when the queue is full)."""
+        if self._close_requested or self.overflowed:
+            return
+        self._close_requested = True
+        self.closing = True
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+        self.queue.put_nowait(_Close(code, reason))
 
     async def _session_state(self) -> tuple[str, str | None] | None:
         try:
@@ -512,15 +605,10 @@ class TechSocket:
         try:
             left = {c.channel_id: c for c in running}
             for channel in running:
-                frame: TerminalCancel | ChannelClose = (
-                    ChannelClose(session_id=self.ref.session_id, channel_id=channel.channel_id)
-                    if channel.kind == "shell"
-                    else TerminalCancel(
-                        session_id=self.ref.session_id, channel_id=channel.channel_id
-                    )
-                )
                 with contextlib.suppress(BusError):
-                    await self.ctx.bus.publish_session_down(self.ref.session_id, frame)
+                    await self.ctx.bus.publish_session_down(
+                        self.ref.session_id, self._stop_frame(channel)
+                    )
             deadline = time.monotonic() + self.s.exec_close_grace_s
             while left and (wait := deadline - time.monotonic()) > 0:
                 try:

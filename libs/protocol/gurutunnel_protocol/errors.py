@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     AGENT_ERROR = "agent_error"
     CONFLICT = "conflict"
     SESSION_CLOSED = "session_closed"
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
     DATABASE_UNAVAILABLE = "database_unavailable"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = "internal_error"

@@ -27,7 +27,8 @@ Contract:
   the connection, and the iterator yields ``FramesDropped`` at once; the per-channel ``seq``
   of later frames shows exactly which ones. Undecodable frames are logged and skipped.
 - ``publish_session_down(session_id, frame)`` publishes technician input (``tunnel.data``,
-  ``terminal.cancel``, ``shell.resize``, ``channel.close``) on ``session.<id>.down``; raises
+  ``terminal.cancel``, ``shell.resize``, ``channel.close``) and file transfer data
+  (``file.chunk``, ``file.ack``, ``file.cancel``) on ``session.<id>.down``; raises
   ``BusUnavailable`` when NATS is not connected.
 - ``start()`` raises only ``BusUnavailable`` (connect, stream, consumer and subscriptions).
 - Consumers: presence events come from the durable pull consumer ``Subjects.presence_consumer``
@@ -91,6 +92,11 @@ from gurutunnel_protocol.messages import (
     ChannelOpen,
     CommandFailed,
     CommandReply,
+    FileAck,
+    FileCancel,
+    FileChunk,
+    FileDownload,
+    FileUpload,
     GatewayHeartbeat,
     PresenceEvent,
     SessionUp,
@@ -112,10 +118,21 @@ from .config import ApiSettings
 log = logging.getLogger(__name__)
 
 CommandFrame: TypeAlias = (
-    TunnelOpen | TunnelClose | TunnelData | ChannelOpen | ChannelClose | Terminal | ShellOpen
+    TunnelOpen
+    | TunnelClose
+    | TunnelData
+    | ChannelOpen
+    | ChannelClose
+    | Terminal
+    | ShellOpen
+    | FileUpload
+    | FileDownload
 )
-DownFrame: TypeAlias = TunnelData | TerminalCancel | ShellResize | ChannelClose
-"""Technician input published on ``session.<id>.down`` (``SESSION_DOWN_TYPES``)."""
+DownFrame: TypeAlias = (
+    TunnelData | TerminalCancel | ShellResize | ChannelClose | FileChunk | FileAck | FileCancel
+)
+"""Frames published on ``session.<id>.down`` (``SESSION_DOWN_TYPES``): technician input and the
+data side of file transfers."""
 
 # JetStream API error code for "stream name already in use with a different configuration"
 _STREAM_EXISTS_DIFFERENT = 10058

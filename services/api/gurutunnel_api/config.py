@@ -104,6 +104,17 @@ class ApiSettings(BaseSettings):
     ws_max_channels: int = Field(default=16, ge=1)
     """Channels (commands and shells) one WebSocket may run at once."""
 
+    # file transfer inside a session
+    file_start_timeout_s: float = Field(default=40.0, gt=0)
+    """How long the agent has to answer ``file.upload`` / ``file.download`` (it hashes the file
+    or the resumed part first; the agent bounds that by its own ack timeout)."""
+    file_idle_timeout_s: float = Field(default=30.0, gt=0)
+    """A transfer with no progress from the agent (ack, chunk, done) for this long fails
+    ``agent_timeout``; also the bound of the wait for ``file.done`` after the last byte."""
+    file_cancel_wait_s: float = Field(default=5.0, gt=0)
+    """After ``file.cancel``, how long the API waits for the agent's final frame (the agent
+    releases the partial file's lock then)."""
+
     @field_validator("jwt_secret")
     @classmethod
     def _secret_long_enough(cls, value: SecretStr) -> SecretStr:

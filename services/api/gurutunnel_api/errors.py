@@ -33,9 +33,16 @@ class ApiError(Exception):
     status: int = 500
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
         if code is not None:
             self.code = code
 
@@ -80,6 +87,20 @@ class Unprocessable(ApiError):
 
 class TooManyRequests(ApiError):
     status, code = 429, ErrorCode.TOO_MANY_CHANNELS
+
+
+class FileRefused(ApiError):
+    """A file transfer refused or failed; the status comes from :data:`FILE_STATUSES`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.status = status
 
 
 class DatabaseUnavailable(ApiError):
@@ -186,6 +207,33 @@ def work_refusal(code: ErrorCode, message: str | None = None) -> ApiError:
     return type(known)(message or known.message, code=api_code)
 
 
+# what a file transfer's refusal (tunnel.error) or failure (file.failed) answers over HTTP
+FILE_STATUSES: dict[ErrorCode, int] = {
+    ErrorCode.PATH_NOT_ALLOWED: 403,
+    ErrorCode.FILE_NOT_FOUND: 404,
+    ErrorCode.FILE_EXISTS: 409,
+    ErrorCode.SESSION_CLOSED: 409,
+    ErrorCode.FILE_TOO_LARGE: 413,
+    ErrorCode.HASH_MISMATCH: 422,
+    ErrorCode.IO_ERROR: 502,
+    ErrorCode.NOT_IMPLEMENTED: 501,
+    ErrorCode.AGENT_TIMEOUT: 504,
+}
+
+
+def file_refusal(code: ErrorCode, message: str) -> ApiError:
+    """The HTTP answer for an agent's refusal or failure of a file transfer: the statuses of
+    :data:`FILE_STATUSES` with the agent's code (403 ``path_not_allowed``, 404
+    ``file_not_found``, 409 ``file_exists``, 413 ``file_too_large``, 422 ``hash_mismatch``,
+    502 ``io_error``, 504 ``agent_timeout``...), else the work refusals (429
+    ``too_many_channels``, 409 ``conflict``) and the failure table (502 ``agent_error`` for
+    anything else, e.g. ``malformed_frame``, which would be a bug of the API or the agent)."""
+    status = FILE_STATUSES.get(code)
+    if status is not None:
+        return FileRefused(status, code, message[:512])
+    return work_refusal(code, message[:512])
+
+
 def session_exists() -> Conflict:
     """The 409 for a second open while the agent has a pending or active session."""
     return Conflict("agent already has an open session", code=ErrorCode.SESSION_EXISTS)
@@ -214,8 +262,10 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.code, exc.message, headers)
+    headers = dict(exc.headers or {})
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.status, exc.code, exc.message, headers or None)
 
 
 async def _bus_error(request: Request, exc: Exception) -> JSONResponse:

@@ -34,6 +34,7 @@ from .bus import BusHandlers, NatsBus
 from .config import ApiSettings
 from .db import make_engine, make_sessionmaker, ping
 from .errors import error_response, install_error_handlers
+from .files.router import router as files_router
 from .logs import configure_logging
 from .security import PasswordHashing, load_agent_signing_key
 from .sessions.events import handle_presence
@@ -108,6 +109,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(agents_router)
     app.include_router(sessions_router)
     app.include_router(work_router)
+    app.include_router(files_router)
     app.include_router(audit_router)
 
     @app.get("/healthz", tags=["health"])

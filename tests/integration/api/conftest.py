@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ from gurutunnel_protocol.messages import (
     CommandReply,
     DisconnectReason,
     ExitReason,
+    FileAck,
+    FileCancel,
+    FileChunk,
+    FileDone,
+    FileDownload,
+    FileFailed,
+    FileReady,
+    FileUpload,
     OutputStream,
     PresenceEvent,
     SessionFrame,
@@ -220,6 +229,53 @@ Mode = Literal["ready", "busy", "never", "error"]
 
 
 @dataclass
+class _FakeUpload:
+    frame: FileUpload
+    data: bytearray
+    acked: int
+
+
+@dataclass
+class _FakeDownload:
+    frame: FileDownload
+    acked: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class FakeFiles:
+    """Plays the agent's file channels (``gurutunnel_agent.channels.files``) on the bus.
+
+    ``file.upload`` / ``file.download`` are answered ``file.ready`` (or ``tunnel.error`` with
+    ``refuse[path]``, ``file_exists``, ``file_not_found``, ``malformed_frame`` for an offset
+    beyond the end); upload chunks from the down subject must come in order and within the
+    window (else ``file.failed``), are acknowledged every ``ack_every_bytes`` and end with
+    ``file.done`` (or ``file.failed{hash_mismatch}``); downloads are sent in ``chunk_bytes``
+    within the window of the API's acks, ending with ``file.done``, or ``file.failed
+    {hash_mismatch}`` once ``change_after_bytes`` were sent. ``file.cancel`` keeps an upload's
+    bytes in ``partials`` (a later resume starts there) and answers ``file.failed``."""
+
+    store: dict[str, bytes] = field(default_factory=dict)
+    partials: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    refuse: dict[str, ErrorCode] = field(default_factory=dict)
+    window_bytes: int = 64 * 1024
+    chunk_bytes: int = 16 * 1024
+    ack_every_bytes: int = 32 * 1024
+    change_after_bytes: int | None = None
+    max_unacked: int = 0
+    """The most upload bytes the API ever had in flight beyond the last ack."""
+    chunks: list[FileChunk] = field(default_factory=list)
+    """Upload chunks received, in order."""
+    acks: list[FileAck] = field(default_factory=list)
+    """Download acks received, in order."""
+    cancels: list[FileCancel] = field(default_factory=list)
+    requests: list[FileUpload | FileDownload] = field(default_factory=list)
+    uploads: dict[str, _FakeUpload] = field(default_factory=dict)
+    downloads: dict[str, _FakeDownload] = field(default_factory=dict)
+
+
+@dataclass
 class FakeGateway:
     """Plays the gateway holding one agent: answers ``agent.<id>.cmd`` like a real agent would."""
 
@@ -242,6 +298,8 @@ class FakeGateway:
     a list answers ``terminal.started`` and then publishes those frames on the up subject."""
     down: list[Any] = field(default_factory=list)
     """Frames received on the ``session.<id>.down`` subjects watched with ``watch_down``."""
+    files: FakeFiles = field(default_factory=FakeFiles)
+    """The agent's file channels (frames on the down subject reach it through ``watch_down``)."""
     _sub: Any = None
     _up_seq: int = 0
     _down_subs: list[Any] = field(default_factory=list)
@@ -254,6 +312,11 @@ class FakeGateway:
         return self
 
     async def stop(self) -> None:
+        for transfer in self.files.downloads.values():
+            if transfer.task is not None:
+                transfer.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await transfer.task
         for sub in self._down_subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -267,7 +330,14 @@ class FakeGateway:
         """Record every frame the API publishes on the session's down subject."""
 
         async def on_down(msg: Msg) -> None:
-            self.down.append(decode_agent_command(msg.data))
+            frame = decode_agent_command(msg.data)
+            self.down.append(frame)
+            if isinstance(frame, FileChunk):
+                await self._file_chunk(frame)
+            elif isinstance(frame, FileAck):
+                self._file_ack(frame)
+            elif isinstance(frame, FileCancel):
+                await self._file_cancel(frame)
 
         self._down_subs.append(
             await self.nc.subscribe(self.subjects.session_down(session_id), cb=on_down)
@@ -308,6 +378,193 @@ class FakeGateway:
                 await self.publish_up(frame.session_id, up)
             await self.nc.flush()
 
+    # ------------------------------------------------------------ file channels
+    def _file_refusal(self, frame: FileUpload | FileDownload, code: ErrorCode) -> TunnelError:
+        return TunnelError(
+            req_id=frame.req_id,
+            session_id=frame.session_id,
+            channel_id=frame.channel_id,
+            code=code,
+            error=f"refused: {code.value}",
+        )
+
+    async def _file_failed(
+        self, frame: FileUpload | FileDownload, code: ErrorCode, offset: int = 0
+    ) -> None:
+        self.files.uploads.pop(frame.channel_id, None)
+        self.files.downloads.pop(frame.channel_id, None)
+        await self.publish_up(
+            frame.session_id,
+            FileFailed(
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                code=code,
+                error=code.value,
+                offset=offset,
+            ),
+        )
+        await self.nc.flush()
+
+    async def _answer_upload(self, msg: Msg, frame: FileUpload) -> None:
+        files = self.files
+        held = files.partials.get((frame.path, frame.sha256), b"")
+        code = files.refuse.get(frame.path)
+        if code is None and frame.path in files.store and not frame.overwrite:
+            code = ErrorCode.FILE_EXISTS
+        if code is not None:
+            await msg.respond(encode(self._reply(self._file_refusal(frame, code))))
+            return
+        files.uploads[frame.channel_id] = _FakeUpload(frame, bytearray(held), len(held))
+        ready = FileReady(
+            req_id=frame.req_id,
+            session_id=frame.session_id,
+            channel_id=frame.channel_id,
+            offset=len(held),
+            size=frame.size,
+            window_bytes=files.window_bytes,
+            chunk_bytes=files.chunk_bytes,
+        )
+        await msg.respond(encode(self._reply(ready)))
+        if len(held) == frame.size:
+            await self._upload_complete(files.uploads[frame.channel_id])
+
+    async def _file_chunk(self, chunk: FileChunk) -> None:
+        files = self.files
+        upload = files.uploads.get(chunk.channel_id)
+        if upload is None:
+            return
+        files.chunks.append(chunk)
+        if chunk.offset != len(upload.data):
+            await self._file_failed(upload.frame, ErrorCode.MALFORMED_FRAME)
+            return
+        upload.data += chunk.data
+        unacked = len(upload.data) - upload.acked
+        files.max_unacked = max(files.max_unacked, unacked)
+        if unacked > files.window_bytes:
+            await self._file_failed(upload.frame, ErrorCode.RATE_LIMITED)
+            return
+        done = len(upload.data) >= upload.frame.size
+        if unacked >= files.ack_every_bytes or done:
+            upload.acked = len(upload.data)
+            await self.publish_up(
+                upload.frame.session_id,
+                FileAck(
+                    session_id=chunk.session_id, channel_id=chunk.channel_id, offset=upload.acked
+                ),
+            )
+        if done:
+            await self._upload_complete(upload)
+        await self.nc.flush()
+
+    async def _upload_complete(self, upload: _FakeUpload) -> None:
+        frame = upload.frame
+        self.files.partials.pop((frame.path, frame.sha256), None)
+        digest = hashlib.sha256(upload.data).hexdigest()
+        if len(upload.data) != frame.size or digest != frame.sha256:
+            await self._file_failed(frame, ErrorCode.HASH_MISMATCH)
+            return
+        self.files.uploads.pop(frame.channel_id, None)
+        self.files.store[frame.path] = bytes(upload.data)
+        await self.publish_up(
+            frame.session_id,
+            FileDone(
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                path=frame.path,
+                size=frame.size,
+                sha256=digest,
+            ),
+        )
+        await self.nc.flush()
+
+    async def _answer_download(self, msg: Msg, frame: FileDownload) -> None:
+        files = self.files
+        content = files.store.get(frame.path)
+        code = files.refuse.get(frame.path)
+        if code is None and content is None:
+            code = ErrorCode.FILE_NOT_FOUND
+        if code is None and content is not None and frame.offset > len(content):
+            code = ErrorCode.MALFORMED_FRAME
+        if code is not None or content is None:
+            refusal = self._file_refusal(frame, code or ErrorCode.FILE_NOT_FOUND)
+            await msg.respond(encode(self._reply(refusal)))
+            return
+        transfer = _FakeDownload(frame, acked=frame.offset)
+        files.downloads[frame.channel_id] = transfer
+        ready = FileReady(
+            req_id=frame.req_id,
+            session_id=frame.session_id,
+            channel_id=frame.channel_id,
+            offset=frame.offset,
+            size=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            window_bytes=files.window_bytes,
+            chunk_bytes=files.chunk_bytes,
+        )
+        await msg.respond(encode(self._reply(ready)))
+        transfer.task = asyncio.create_task(self._send_download(transfer, content))
+
+    async def _send_download(self, transfer: _FakeDownload, content: bytes) -> None:
+        files, frame = self.files, transfer.frame
+        sent = frame.offset
+        while sent < len(content):
+            room = files.window_bytes - (sent - transfer.acked)
+            if room <= 0:
+                transfer.wake.clear()
+                try:
+                    await asyncio.wait_for(transfer.wake.wait(), 5)
+                except TimeoutError:
+                    await self._file_failed(frame, ErrorCode.AGENT_TIMEOUT, transfer.acked)
+                    return
+                continue
+            if files.change_after_bytes is not None and sent >= files.change_after_bytes:
+                await self._file_failed(frame, ErrorCode.HASH_MISMATCH, transfer.acked)
+                return
+            n = min(files.chunk_bytes, len(content) - sent, room)
+            await self.publish_up(
+                frame.session_id,
+                FileChunk(
+                    session_id=frame.session_id,
+                    channel_id=frame.channel_id,
+                    offset=sent,
+                    data=content[sent : sent + n],
+                ),
+            )
+            sent += n
+        files.downloads.pop(frame.channel_id, None)
+        await self.publish_up(
+            frame.session_id,
+            FileDone(
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                path=frame.path,
+                size=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+            ),
+        )
+        await self.nc.flush()
+
+    def _file_ack(self, ack: FileAck) -> None:
+        self.files.acks.append(ack)
+        transfer = self.files.downloads.get(ack.channel_id)
+        if transfer is not None and ack.offset > transfer.acked:
+            transfer.acked = ack.offset
+            transfer.wake.set()
+
+    async def _file_cancel(self, cancel: FileCancel) -> None:
+        files = self.files
+        files.cancels.append(cancel)
+        upload = files.uploads.pop(cancel.channel_id, None)
+        if upload is not None:
+            files.partials[(upload.frame.path, upload.frame.sha256)] = bytes(upload.data)
+            await self._file_failed(upload.frame, ErrorCode.SESSION_CLOSED, len(upload.data))
+            return
+        transfer = files.downloads.pop(cancel.channel_id, None)
+        if transfer is not None:
+            if transfer.task is not None:
+                transfer.task.cancel()
+            await self._file_failed(transfer.frame, ErrorCode.SESSION_CLOSED, transfer.acked)
+
     def _reply(self, answer: AgentReply) -> CommandReply:
         return CommandReply(
             agent_id=self.agent_id,
@@ -323,6 +580,13 @@ class FakeGateway:
         answer: AgentReply
         if isinstance(frame, Terminal):
             await self._answer_terminal(msg, frame)
+            return
+        if isinstance(frame, FileUpload | FileDownload):
+            self.files.requests.append(frame)
+            if isinstance(frame, FileUpload):
+                await self._answer_upload(msg, frame)
+            else:
+                await self._answer_download(msg, frame)
             return
         if isinstance(frame, ShellOpen):
             answer = ChannelOpened(

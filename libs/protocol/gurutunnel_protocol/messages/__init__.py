@@ -169,8 +169,12 @@ SESSION_DOWN_TYPES = (
     TerminalCancel,
     ShellResize,
     ChannelClose,
+    FileChunk,
+    FileAck,
+    FileCancel,
 )
-"""Technician input the API publishes on ``session.<id>.down`` (no answer)."""
+"""Frames the API publishes on ``session.<id>.down`` (no answer): technician input and the
+data side of file transfers (upload chunks, download acks, cancel)."""
 
 SESSION_UP_TYPES = (
     TunnelData,

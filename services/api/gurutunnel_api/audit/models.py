@@ -4,6 +4,11 @@ Commands (``command.run``) are the exception that proves the rule: their row is 
 committed before the command is sent (no audit, no command) and completed when it ends
 (``ended_at``, ``reason`` = exit reason or refusal code, ``exit_code``, ``duration_s``, bytes,
 ``truncated``); a row with ``ended_at`` NULL is a command still running (or lost by a crash).
+File transfers (``file.upload`` / ``file.download``) follow the same rule: one row written
+before the first frame goes to the agent (``file_path``, and what is known then of
+``file_size``, ``file_sha256``, ``file_offset``), completed when the transfer ends with
+``ended_at``, the size, SHA-256 and resume offset the agent reported, and ``reason`` = ``done``
+or the error code (``client_gone`` when the HTTP client went away).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class AuditAction(StrEnum):
     COMMAND_RUN = "command.run"
     SHELL_OPEN = "shell.open"
     SHELL_CLOSE = "shell.close"
+    FILE_UPLOAD = "file.upload"
+    FILE_DOWNLOAD = "file.download"
 
 
 class TunnelAudit(SQLModel, table=True):
@@ -52,3 +59,9 @@ class TunnelAudit(SQLModel, table=True):
     stdout_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     stderr_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     truncated: bool | None = None
+    # file transfers
+    file_path: str | None = Field(default=None, max_length=4096)
+    file_size: int | None = Field(default=None, sa_type=sa.BigInteger)
+    file_sha256: str | None = Field(default=None, max_length=64)
+    file_offset: int | None = Field(default=None, sa_type=sa.BigInteger)
+    """The offset the transfer resumed from (upload: the agent's; download: the Range start)."""

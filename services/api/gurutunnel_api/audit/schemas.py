@@ -26,6 +26,10 @@ class AuditPublic(BaseModel):
     stdout_bytes: int | None = None
     stderr_bytes: int | None = None
     truncated: bool | None = None
+    file_path: str | None = None
+    file_size: int | None = None
+    file_sha256: str | None = None
+    file_offset: int | None = None
 
     @classmethod
     def from_row(cls, row: TunnelAudit) -> AuditPublic:
@@ -46,6 +50,10 @@ class AuditPublic(BaseModel):
             stdout_bytes=row.stdout_bytes,
             stderr_bytes=row.stderr_bytes,
             truncated=row.truncated,
+            file_path=row.file_path,
+            file_size=row.file_size,
+            file_sha256=row.file_sha256,
+            file_offset=row.file_offset,
         )
 
 

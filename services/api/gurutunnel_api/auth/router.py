@@ -1,14 +1,21 @@
 """``POST /api/v1/auth/token`` (password for a short-lived technician JWT) and
-``POST /api/v1/users`` (admin creates a technician of any role)."""
+``POST /api/v1/users`` (admin creates a technician of any role, with file permissions) and
+``PATCH /api/v1/users/{user_id}`` (admin changes role, disabled, can_upload, can_download)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from ..deps import AdminUser, PasswordsDep, SessionDep, SettingsDep
+from ..deps import AdminUser, IdPath, PasswordsDep, SessionDep, SettingsDep
 from ..schemas import error_responses
 from . import service
-from .schemas import TechnicianCreate, TechnicianPublic, TokenPublic, TokenRequest
+from .schemas import (
+    TechnicianCreate,
+    TechnicianPublic,
+    TechnicianUpdate,
+    TokenPublic,
+    TokenRequest,
+)
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 users_router = APIRouter(prefix="/api/v1/users", tags=["auth"])
@@ -33,6 +40,22 @@ async def create_technician(
     body: TechnicianCreate, db: SessionDep, passwords: PasswordsDep, _: AdminUser
 ) -> TechnicianPublic:
     tech = await service.create_technician(
-        db, passwords=passwords, username=body.username, password=body.password, role=body.role
+        db,
+        passwords=passwords,
+        username=body.username,
+        password=body.password,
+        role=body.role,
+        can_upload=body.can_upload,
+        can_download=body.can_download,
     )
+    return TechnicianPublic.from_row(tech)
+
+
+@users_router.patch(
+    "/{user_id}", response_model=TechnicianPublic, responses=error_responses(401, 403, 404)
+)
+async def update_technician(
+    user_id: IdPath, body: TechnicianUpdate, db: SessionDep, _: AdminUser
+) -> TechnicianPublic:
+    tech = await service.update_technician(db, user_id=user_id, changes=body)
     return TechnicianPublic.from_row(tech)

@@ -12,10 +12,10 @@ from sqlmodel import col
 from gurutunnel_protocol import new_id
 
 from ..config import ApiSettings
-from ..errors import Conflict, Unauthorized
+from ..errors import Conflict, NotFound, Unauthorized
 from ..security import PasswordHashing, mint_tech_token
-from .models import Role, Technician
-from .schemas import TokenPublic
+from .models import Role, Technician, permissions_for_role
+from .schemas import TechnicianUpdate, TokenPublic
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +64,60 @@ async def upsert_technician(
                 tech.password_hash = new_hash
             tech.role = role.value
             tech.disabled = False
+        tech.can_upload, tech.can_download = permissions_for_role(
+            role, can_upload=tech.can_upload, can_download=tech.can_download
+        )
     return tech
 
 
 async def create_technician(
-    db: AsyncSession, *, passwords: PasswordHashing, username: str, password: str, role: Role
+    db: AsyncSession,
+    *,
+    passwords: PasswordHashing,
+    username: str,
+    password: str,
+    role: Role,
+    can_upload: bool | None = None,
+    can_download: bool | None = None,
 ) -> Technician:
     """Create a technician; 409 ``conflict`` when the username is taken (the unique index
-    decides, so concurrent creations cannot both succeed)."""
+    decides, so concurrent creations cannot both succeed). File permissions: see
+    :func:`.models.permissions_for_role`."""
+    upload, download = permissions_for_role(role, can_upload=can_upload, can_download=can_download)
     tech = Technician(
         id=new_id(),
         username=username,
         password_hash=await passwords.hash(password),
         role=role.value,
+        can_upload=upload,
+        can_download=download,
     )
     try:
         async with db.begin():
             db.add(tech)
     except IntegrityError:
         raise Conflict("username is taken") from None
+    return tech
+
+
+async def update_technician(
+    db: AsyncSession, *, user_id: str, changes: TechnicianUpdate
+) -> Technician:
+    """Apply ``changes`` (only the fields given); 404 ``not_found`` for no such technician.
+    The file permissions are normalised for the resulting role (admin both, viewer neither)."""
+    async with db.begin():
+        tech = await db.get(Technician, user_id, with_for_update=True)
+        if tech is None:
+            raise NotFound("technician not found")
+        role = changes.role if changes.role is not None else Role(tech.role)
+        tech.role = role.value
+        if changes.disabled is not None:
+            tech.disabled = changes.disabled
+        tech.can_upload, tech.can_download = permissions_for_role(
+            role,
+            can_upload=tech.can_upload if changes.can_upload is None else changes.can_upload,
+            can_download=(
+                tech.can_download if changes.can_download is None else changes.can_download
+            ),
+        )
     return tech

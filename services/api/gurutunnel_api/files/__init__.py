@@ -1,0 +1,1 @@
+"""File transfer inside a session (upload and download streamed through the bus)."""

@@ -322,6 +322,29 @@ async def test_audit_row_is_committed_before_the_send_and_completed_after(world:
     assert row["truncated"] is False and row["duration_s"] == pytest.approx(0.01)
 
 
+async def test_session_close_audit_carries_duration_and_traffic(world: World) -> None:
+    """The session.close row names the session's duration, commands and output bytes."""
+    world.gw.on_terminal = await _scripted(_hello)
+    for _ in range(2):
+        assert (await world.exec({"command": "x"})).status_code == 200
+
+    async def both_completed() -> bool:
+        return all(row["ended_at"] is not None for row in await world.audit())
+
+    await wait_until(both_completed, what="command rows completed")
+    r = await world.live.client.post(
+        "/api/v1/tunnel/close",
+        json={"session_id": world.session_id},
+        headers=world.users.tech.headers,
+    )
+    assert r.status_code == 200, r.text
+    [close] = await world.audit("session.close")
+    detail = close["detail"]
+    assert (detail["commands"], detail["output_bytes"]) == (2, 22)
+    assert (detail["uploaded_bytes"], detail["downloaded_bytes"]) == (0, 0)
+    assert detail["duration_s"] >= 0
+
+
 async def test_audit_write_failure_answers_503_and_sends_no_command(world: World) -> None:
     """With tunnel_audit unwritable the exec is 503 database_unavailable and nothing is sent."""
     engine = make_engine(world.live.settings)

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -55,7 +55,7 @@ from gurutunnel_protocol.messages import (
 )
 
 from ..agents.models import Agent, AgentConnection
-from ..audit.models import SYSTEM_ACTOR, AuditAction
+from ..audit.models import SYSTEM_ACTOR, AuditAction, TunnelAudit
 from ..audit.service import record
 from ..auth.models import Role, Technician
 from ..bus import AgentOffline, Bus, BusError
@@ -81,7 +81,7 @@ async def lock_agent(db: AsyncSession, agent_id: str) -> Agent | None:
     return await db.get(Agent, agent_id, with_for_update=True, populate_existing=True)
 
 
-def finish(
+async def finish(
     db: AsyncSession,
     row: TechSession,
     *,
@@ -90,13 +90,18 @@ def finish(
     actor: str,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Move an open session to ``closed``/``failed`` and add its one audit row."""
+    """Move an open session to ``closed``/``failed`` and add its one audit row.
+
+    The row of a session that was active carries its duration and traffic: commands run, output
+    bytes, and bytes moved by completed uploads and downloads (from the session's audit rows)."""
     row.state = state.value
     row.close_reason = reason
     row.closed_at = utcnow()
     action = (
         AuditAction.SESSION_FAILED if state == SessionState.FAILED else AuditAction.SESSION_CLOSE
     )
+    if row.opened_at is not None:
+        detail = {**(detail or {}), **await _session_totals(db, row)}
     record(
         db,
         actor=actor,
@@ -106,6 +111,37 @@ def finish(
         reason=reason,
         detail=detail,
     )
+
+
+async def _session_totals(db: AsyncSession, row: TechSession) -> dict[str, Any]:
+    if row.opened_at is None or row.closed_at is None:
+        return {}
+    done = col(TunnelAudit.reason) == "done"
+    upload = col(TunnelAudit.action) == AuditAction.FILE_UPLOAD.value
+    download = col(TunnelAudit.action) == AuditAction.FILE_DOWNLOAD.value
+    commands, output, uploaded, downloaded = (
+        await db.execute(
+            select(
+                func.count(case((col(TunnelAudit.action) == AuditAction.COMMAND_RUN.value, 1))),
+                func.coalesce(
+                    func.sum(
+                        func.coalesce(col(TunnelAudit.stdout_bytes), 0)
+                        + func.coalesce(col(TunnelAudit.stderr_bytes), 0)
+                    ),
+                    0,
+                ),
+                func.coalesce(func.sum(case((upload & done, col(TunnelAudit.file_size)))), 0),
+                func.coalesce(func.sum(case((download & done, col(TunnelAudit.file_size)))), 0),
+            ).where(col(TunnelAudit.session_id) == row.id)
+        )
+    ).one()
+    return {
+        "duration_s": round((row.closed_at - row.opened_at).total_seconds(), 3),
+        "commands": int(commands),
+        "output_bytes": int(output),
+        "uploaded_bytes": int(uploaded),
+        "downloaded_bytes": int(downloaded),
+    }
 
 
 async def close_open_sessions(
@@ -140,7 +176,7 @@ async def close_open_sessions(
         )
     rows = list(await db.scalars(query.execution_options(populate_existing=True)))
     for row in rows:
-        finish(db, row, state=SessionState.CLOSED, reason=reason, actor=actor, detail=detail)
+        await finish(db, row, state=SessionState.CLOSED, reason=reason, actor=actor, detail=detail)
     return rows
 
 
@@ -190,7 +226,9 @@ async def fail_stale_pending(db: AsyncSession, *, agent_id: str, older_than: dat
             )
         )
         for row in rows:
-            finish(db, row, state=SessionState.FAILED, reason="open_timeout", actor=SYSTEM_ACTOR)
+            await finish(
+                db, row, state=SessionState.FAILED, reason="open_timeout", actor=SYSTEM_ACTOR
+            )
         return [row.id for row in rows]
 
 
@@ -254,7 +292,9 @@ async def _fail_pending(
         await db.refresh(row)
         found = row.state
         if found == SessionState.PENDING.value:
-            finish(db, row, state=SessionState.FAILED, reason=reason, actor=actor, detail=detail)
+            await finish(
+                db, row, state=SessionState.FAILED, reason=reason, actor=actor, detail=detail
+            )
         return found
 
 
@@ -462,10 +502,12 @@ async def activate(
         conn = await db.get(AgentConnection, reply.conn_id)
         bound = {"conn_id": reply.conn_id, "gateway_id": reply.gateway_id}
         if agent is None or agent.revoked_at is not None:
-            finish(db, row, state=SessionState.CLOSED, reason="revoked", actor=actor, detail=bound)
+            await finish(
+                db, row, state=SessionState.CLOSED, reason="revoked", actor=actor, detail=bound
+            )
             outcome = Conflict("agent was revoked while opening")
         elif conn is not None and conn.disconnected_at is not None:
-            finish(
+            await finish(
                 db,
                 row,
                 state=SessionState.CLOSED,
@@ -507,7 +549,7 @@ async def close_session(
         await db.refresh(row)
         changed = row.state in {s.value for s in OPEN_STATES}
         if changed:
-            finish(db, row, state=SessionState.CLOSED, reason="user", actor=tech_id)
+            await finish(db, row, state=SessionState.CLOSED, reason="user", actor=tech_id)
     if changed:
         tell_agent_to_close(bus, settings, row.agent_id, row.id, reason="user")
     return row

@@ -82,7 +82,7 @@ async def reap_sessions(
                 if row is not None and row.state == SessionState.ACTIVE.value:
                     reason = _reason(row, idle_cutoff=idle_cutoff, max_cutoff=max_cutoff)
                     if reason is not None:
-                        finish(
+                        await finish(
                             db, row, state=SessionState.CLOSED, reason=reason, actor=SYSTEM_ACTOR
                         )
             if reason is not None:

@@ -527,6 +527,37 @@ async def test_idle_timeout_closes_the_session_and_the_websocket_hears_it(
         await wait_until(told, what="tunnel.close to the agent")
 
 
+async def test_a_running_command_keeps_the_session_from_idling_out(worlds: WorldFactory) -> None:
+    """Work still running is not idleness; once it ends, the idle limit closes the session."""
+    async with worlds(session_idle_timeout_s=0.6, session_reap_interval_s=0.1) as w:
+
+        def started_only(t: Terminal) -> list[SessionFrame]:
+            return [chunk(t, 0, b"working\n")]  # no exit frame: the command keeps running
+
+        w.gw.on_terminal = await _scripted(started_only)
+        running = asyncio.create_task(w.exec({"command": "x", "timeout_s": 60}, stream="true"))
+
+        async def audit_open() -> bool:
+            return [row["ended_at"] for row in await w.audit()] == [None]
+
+        await wait_until(audit_open, what="the command running")
+        await asyncio.sleep(1.5)  # well past the idle timeout, several reaper rounds
+        r = await w.live.client.get(
+            f"/api/v1/tunnel/status/{w.session_id}", headers=w.users.tech.headers
+        )
+        assert r.json()["state"] == "active"
+
+        running.cancel()  # the client goes away: the API cancels the command and ends its row
+
+        async def idled_out() -> bool:
+            r = await w.live.client.get(
+                f"/api/v1/tunnel/status/{w.session_id}", headers=w.users.tech.headers
+            )
+            return bool(r.json()["close_reason"] == "idle_timeout")
+
+        await wait_until(idled_out, what="idle close after the command ended")
+
+
 async def test_activity_keeps_the_session_and_max_duration_still_ends_it(
     worlds: WorldFactory,
 ) -> None:

@@ -2,7 +2,9 @@
 
 Contract:
 - Activity is ``tech_session.last_activity_at`` (exec, shell open, input, resize, cancel; not
-  keepalives, not reads); a session with none counts from ``opened_at``.
+  keepalives, not reads); a session with none counts from ``opened_at``. A session with a
+  command or a file transfer still running (its audit row not yet completed) is not idle,
+  however long the work takes; the maximum duration still applies.
 - Every ``session_reap_interval_s`` the reaper closes (state ``closed``) at most
   ``session_reap_batch`` active sessions with reason ``max_duration`` (open longer than
   ``session_max_duration_s``; checked first) or ``idle_timeout`` (no activity for
@@ -18,11 +20,11 @@ import asyncio
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from ..audit.models import SYSTEM_ACTOR
+from ..audit.models import SYSTEM_ACTOR, AuditAction, TunnelAudit
 from ..bus import Bus
 from ..config import ApiSettings
 from ..db import utcnow
@@ -43,6 +45,23 @@ def _reason(row: TechSession, *, idle_cutoff: datetime, max_cutoff: datetime) ->
     if last < idle_cutoff:
         return IDLE_TIMEOUT
     return None
+
+
+RUNNING_WORK = (AuditAction.COMMAND_RUN, AuditAction.FILE_UPLOAD, AuditAction.FILE_DOWNLOAD)
+
+
+async def _work_running(db: AsyncSession, session_id: str) -> bool:
+    """A command or transfer of the session has not ended (its audit row is still open)."""
+    running = await db.scalar(
+        select(func.count())
+        .select_from(TunnelAudit)
+        .where(
+            col(TunnelAudit.session_id) == session_id,
+            col(TunnelAudit.action).in_([a.value for a in RUNNING_WORK]),
+            col(TunnelAudit.ended_at).is_(None),
+        )
+    )
+    return bool(running)
 
 
 async def reap_sessions(
@@ -81,6 +100,8 @@ async def reap_sessions(
                 row = await db.get(TechSession, session_id, populate_existing=True)
                 if row is not None and row.state == SessionState.ACTIVE.value:
                     reason = _reason(row, idle_cutoff=idle_cutoff, max_cutoff=max_cutoff)
+                    if reason == IDLE_TIMEOUT and await _work_running(db, session_id):
+                        reason = None
                     if reason is not None:
                         await finish(
                             db, row, state=SessionState.CLOSED, reason=reason, actor=SYSTEM_ACTOR

@@ -647,26 +647,10 @@ class AgentClient:
             emit=self._emitter(conn),
         )
         pid = await runtime.start()
-        # registered before the answer: if the socket dies while answering, the connection's
-        # cleanup still finds (and kills) the process
-        self._launch(conn, action, runtime)
-        log.info(
-            "command started",
-            extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
+        answer = TerminalStarted(
+            req_id=frame.req_id, session_id=frame.session_id, channel_id=frame.channel_id, pid=pid
         )
-        try:
-            await self._send(
-                conn,
-                TerminalStarted(
-                    req_id=frame.req_id,
-                    session_id=frame.session_id,
-                    channel_id=frame.channel_id,
-                    pid=pid,
-                ),
-            )
-        finally:
-            # whatever happened to the answer, the channel must be able to end (exit frame)
-            runtime.output.open()
+        await self._announce(conn, action, runtime, answer, what="command", pid=pid)
 
     async def _start_shell(self, conn: _Connection, action: StartShell) -> None:
         s, frame = self.settings, action.frame
@@ -684,22 +668,37 @@ class AgentClient:
             emit=self._emitter(conn),
         )
         pid = await runtime.start()
+        answer = ChannelOpened(
+            req_id=frame.req_id,
+            session_id=frame.session_id,
+            channel_id=frame.channel_id,
+            channel_type=ChannelType.SHELL,
+        )
+        await self._announce(conn, action, runtime, answer, what="shell", pid=pid)
+
+    async def _announce(
+        self,
+        conn: _Connection,
+        action: StartCommand | StartShell,
+        runtime: CommandChannel | ShellChannel,
+        answer: AgentToServer,
+        *,
+        what: str,
+        pid: int | None,
+    ) -> None:
+        """Register a started channel, answer its request, then let its output flow."""
+        frame = action.frame
+        # registered before the answer: if the socket dies while answering, the connection's
+        # cleanup still finds (and kills) the process
         self._launch(conn, action, runtime)
         log.info(
-            "shell started",
+            f"{what} started",
             extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
         )
         try:
-            await self._send(
-                conn,
-                ChannelOpened(
-                    req_id=frame.req_id,
-                    session_id=frame.session_id,
-                    channel_id=frame.channel_id,
-                    channel_type=ChannelType.SHELL,
-                ),
-            )
+            await self._send(conn, answer)
         finally:
+            # whatever happened to the answer, the channel must be able to end (exit frame)
             runtime.output.open()
 
     def _start_transfer(self, conn: _Connection, action: StartUpload | StartDownload) -> None:

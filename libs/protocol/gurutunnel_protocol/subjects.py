@@ -72,6 +72,10 @@ class Subjects:
     def session_up(self, session_id: str) -> str:
         return f"{self.prefix}.session.{validate_id(session_id, what='session_id')}.up"
 
+    def all_sessions(self) -> str:
+        """Wildcard over both directions of every session (taps and tests; no service uses it)."""
+        return f"{self.prefix}.session.>"
+
     def session_down(self, session_id: str) -> str:
         return f"{self.prefix}.session.{validate_id(session_id, what='session_id')}.down"
 

@@ -368,9 +368,8 @@ async def test_frame_naming_foreign_session_gets_not_your_session_and_nothing_pu
 ) -> None:
     """A frame for a session this connection does not hold is refused and never published."""
     agent_id = new_id()
-    # Wildcard over every session subject of this test's namespace (Subjects builds no
-    # wildcard for sessions; the gateway itself never subscribes to one).
-    every_session = await nc.subscribe(f"{subject_prefix}.session.>")
+    # every session subject of this test's namespace (the gateway never subscribes to this)
+    every_session = await nc.subscribe(subjects.all_sessions())
     await nc.flush()  # the server knows the interest before anything is published
     async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
         await welcomed(ws)

@@ -17,6 +17,7 @@ def test_subjects_follow_the_contract_for_the_default_prefix() -> None:
     assert s.all_presence() == "gt.presence.*"
     assert s.session_up("s1") == "gt.session.s1.up"
     assert s.session_down("s1") == "gt.session.s1.down"
+    assert s.all_sessions() == "gt.session.>"
     assert s.gateway_heartbeat() == "gt.gateway.heartbeat"
     assert s.gateway_control() == "gt.gateway.control"
     assert s.presence_stream == "GT_PRESENCE"

@@ -408,7 +408,9 @@ class NatsBus:
         pending = [t for t in (self._consumer, *self._tasks) if t is not None]
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            # bounded: a task that swallows its cancellation must not hold up shutdown
+            await asyncio.wait(pending, timeout=self._settings.nats_drain_timeout_s)
         if self._psub is not None:
             # an idle pull subscription would hold up the drain until its timeout
             with contextlib.suppress(nats.errors.Error):

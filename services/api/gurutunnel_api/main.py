@@ -42,7 +42,7 @@ from .sessions.router import router as sessions_router
 from .sessions.sweeper import run_sweeper
 from .work.limits import run_reaper
 from .work.router import router as work_router
-from .work.service import WorkContext
+from .work.service import WorkContext, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-            await work.background.close()
+            await cancel_and_wait(loops, settings.request_timeout_s, what="service loops")
+            await work.background.close(settings.request_timeout_s)
             await bus.close()
             await engine.dispose()
 

@@ -104,11 +104,25 @@ class TaskSet:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self, timeout_s: float) -> None:
+        """Cancel every task and wait for them, at most ``timeout_s`` (shutdown must end)."""
+        await cancel_and_wait(list(self._tasks), timeout_s, what="background tasks")
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout_s: float, *, what: str) -> None:
+    """Cancel ``tasks`` and wait for them to end, giving up (logged) after ``timeout_s``."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    if pending:
+        log.warning(
+            "%d %s still running %.0f s after cancel; shutdown goes on",
+            len(pending),
+            what,
+            timeout_s,
+        )
 
 
 @dataclass

@@ -549,7 +549,7 @@ class NatsBus:
         s = self._settings
         errors = 0
         last_check = time.monotonic()
-        while True:
+        while not self._stopping():
             psub = self._psub
             if psub is None or not self._presence_healthy:
                 await self._recreate_presence_consumer()
@@ -588,6 +588,17 @@ class NatsBus:
             log.info("presence consumer check failed", extra={"error": type(exc).__name__})
         return False
 
+    def _stopping(self) -> bool:
+        """True once ``close`` began or the running task was asked to stop.
+
+        The consumer loops test this instead of trusting cancellation alone: once the connection
+        is closed, nats-py turns a ``CancelledError`` inside ``next_msg`` into
+        ``ConnectionClosedError``, which the loops' ``except Exception`` would otherwise retry
+        forever (seen as a shutdown that never ends).
+        """
+        task = asyncio.current_task()
+        return self._closing or (task is not None and task.cancelling() > 0)
+
     def _mark_presence_down(self, why: str) -> None:
         log.warning("presence consumer down; recreating it", extra={"error": why})
         self._presence_healthy = False
@@ -597,7 +608,7 @@ class NatsBus:
         attempts (each bounded by ``request_timeout_s``) until it works or the task ends."""
         s = self._settings
         delay = s.presence_resubscribe_backoff_s
-        while True:
+        while not self._stopping():
             old, self._psub = self._psub, None
             if old is not None:
                 with contextlib.suppress(Exception):

@@ -67,6 +67,7 @@ def serve(
         port=settings.port,
         # tokens travel in headers only, but keep request lines out of the log anyway
         access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         # root, uvicorn and uvicorn.error all write JSON through gurutunnel_api.logs
         log_config=uvicorn_log_config(settings.log_level),
     )

@@ -104,6 +104,7 @@ def api_settings(
         request_timeout_s=5.0,
         presence_fetch_timeout_s=0.2,
         presence_nak_delay_s=0.1,
+        shutdown_grace_s=3.0,
     )
 
 
@@ -754,7 +755,15 @@ async def serving_api(settings: ApiSettings) -> AsyncIterator[LiveApi]:
 
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_config=None,
+            access_log=False,
+            # a stream or WebSocket a test left open must not hold up the teardown
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
     )
     task = asyncio.create_task(server.serve())
     try:

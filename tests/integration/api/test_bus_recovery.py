@@ -3,6 +3,7 @@ only domain errors out of ``start()``. Real NATS."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import nats.js.errors
@@ -111,3 +112,28 @@ async def test_bus_start_raises_only_bus_unavailable_when_the_consumer_cannot_be
         await bus.close()
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(subjects.presence_stream)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_presence_consumer_ends_when_cancelled_as_its_connection_closes(
+    api_settings: ApiSettings, nc: NatsClient
+) -> None:
+    """A cancel that reaches the consumer inside a fetch while the connection closes (nats-py
+    turns it into ``ConnectionClosedError``) still ends the consumer task."""
+    settings = api_settings.model_copy(
+        update={"presence_fetch_timeout_s": 30.0, "presence_resubscribe_backoff_max_s": 0.05}
+    )
+    bus = NatsBus(settings, BusHandlers(_ignore, _ignore, _ignore))
+    await bus.start()
+    consumer = bus._consumer
+    assert consumer is not None
+    await asyncio.sleep(0.2)  # the consumer is now waiting inside a long fetch
+    connection = bus._nc
+    assert connection is not None
+    try:
+        consumer.cancel()
+        await connection.close()
+        done, _ = await asyncio.wait({consumer}, timeout=3)
+        assert consumer in done, "the presence consumer kept running after its cancellation"
+    finally:
+        await bus.close()

@@ -32,7 +32,7 @@ class ApiSettings(BaseSettings):
     """How long a SQLite writer waits for the lock before ``database is locked``."""
     db_pool_size: int = Field(default=10, ge=1)
 
-    shutdown_grace_s: float = Field(default=10.0, gt=0)
+    shutdown_grace_s: int = Field(default=10, gt=0)
     """How long uvicorn waits for open requests, streams and WebSockets before it closes them
     at shutdown (``timeout_graceful_shutdown``); a live output stream would otherwise hold the
     process open until the technician hangs up."""

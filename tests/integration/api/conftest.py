@@ -104,7 +104,7 @@ def api_settings(
         request_timeout_s=5.0,
         presence_fetch_timeout_s=0.2,
         presence_nak_delay_s=0.1,
-        shutdown_grace_s=3.0,
+        shutdown_grace_s=3,
     )
 
 

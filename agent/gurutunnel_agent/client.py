@@ -1,8 +1,9 @@
 """The agent's connect loop: one WebSocket to a gateway, held for ever, reconnected with backoff.
 
 Contract:
-- ``AgentClient(settings).run()`` connects to ``settings.gateway_url`` with the credential in
-  ``Authorization: Bearer ...`` (never in the URL), waits for ``welcome`` (``welcome_timeout_s``),
+- ``AgentClient(settings).run()`` connects to one of ``settings.connect_urls`` with the
+  credential in ``Authorization: Bearer ...`` (never in the URL), waits for ``welcome``
+  (``welcome_timeout_s``),
   then sends a ``heartbeat`` at once and every interval, in both modes, carrying the tunnel mode,
   the session id and host metrics. The interval is the smaller of ``heartbeat_interval_s`` and
   the one the gateway's ``welcome`` asks for.
@@ -26,7 +27,13 @@ Contract:
   credential file) is retried for ever. ``reconnect{delay_ms}`` closes the socket (1000) and
   reconnects after ``max(min(delay_ms, backoff_max_s), next backoff delay)`` plus up to
   ``reconnect_jitter_s``: a gateway cannot park the agent for longer than the backoff cap, and
-  a gateway that accepts then says ``reconnect{0}`` over and over still gets backed off.
+  a gateway that accepts then says ``reconnect{0}`` over and over still gets backed off; the
+  agent's own jitter spreads a fleet even when a gateway sends everyone the same delay.
+- Failover: the URLs are tried in turn (round robin, every attempt after its backoff delay).
+  The agent moves to the next URL after an attempt that got no ``welcome`` (refused, timed
+  out, unreachable) and after a connection the gateway ended as going away (``reconnect``
+  frame, close 4001 draining, 4002 lease lost); after any other end of a working connection
+  it tries the same URL again first.
 - Every disconnect force-closes the tunnel (the session cannot outlive its socket).
 - Channels (``gurutunnel_agent.channels``): the client carries out the actions the tunnel
   returns. ``terminal.command`` first checks and opens its working directory on a worker
@@ -193,6 +200,7 @@ class _Connection:
     welcome: Welcome | None = None
     heartbeat: asyncio.Task[None] | None = None
     reconnect_delay_s: float | None = None
+    close_code: int | None = None
     alive: bool = True
     """False once the socket is gone: channel output is dropped, not sent."""
     channels: dict[str, _Running] = field(default_factory=dict)
@@ -273,6 +281,8 @@ class AgentClient:
         """The open WebSocket, if any (for observation; never send on it directly)."""
         self.connections_made = 0
         """How many upgrades succeeded (observability and tests)."""
+        self._urls = settings.connect_urls
+        self._url_index = 0
         self.last_metrics: HostMetrics | None = None
         """The last host metrics collected (kept across reconnects)."""
         # One thread: a hung collection blocks only further collections, which are not started
@@ -331,6 +341,20 @@ class AgentClient:
         asked = min(conn.reconnect_delay_s, s.backoff_max_s)
         return max(asked, backoff.next_delay()) + self._rng.uniform(0, s.reconnect_jitter_s)
 
+    @property
+    def gateway_url(self) -> str:
+        """The URL the next attempt goes to."""
+        return self._urls[self._url_index]
+
+    def _next_url(self, conn: _Connection | None) -> None:
+        """Move to the next URL unless ``conn`` was a working connection that just dropped."""
+        going_away = conn is not None and (
+            conn.reconnect_delay_s is not None
+            or conn.close_code in (CloseCode.DRAINING, CloseCode.LEASE_LOST)
+        )
+        if conn is None or conn.welcome is None or going_away:
+            self._url_index = (self._url_index + 1) % len(self._urls)
+
     async def _connect_loop(self, backoff: Backoff) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -352,6 +376,7 @@ class AgentClient:
                     )
             if self._stop.is_set():
                 break
+            self._next_url(conn)
             if (
                 conn is not None
                 and conn.welcome is not None
@@ -396,7 +421,7 @@ class AgentClient:
             return None
         try:
             async with connect(
-                s.gateway_url,
+                self.gateway_url,
                 additional_headers={"Authorization": f"Bearer {credential}"},
                 user_agent_header=f"gurutunnel-agent/{agent_version()}",
                 open_timeout=s.open_timeout_s,
@@ -408,23 +433,26 @@ class AgentClient:
                 conn = _Connection(ws=ws, opened_at=asyncio.get_running_loop().time())
                 self.connection = ws
                 self.connections_made += 1
-                log.info("connected to gateway")
+                log.info("connected to gateway", extra={"gateway_url": self.gateway_url})
                 await self._serve(conn)
         except InvalidStatus as exc:
             if exc.response.status_code in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
                 raise FatalRefusal(_refusal_reason(exc.response)) from None
             log.warning(
                 "gateway refused the upgrade; will retry",
-                extra={"http_status": exc.response.status_code},
+                extra={"http_status": exc.response.status_code, "gateway_url": self.gateway_url},
             )
             return None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             log.warning(
                 "cannot connect to gateway; will retry",
-                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                extra={
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                    "gateway_url": self.gateway_url,
+                },
             )
             return None
-        code = ws.close_code
+        code = conn.close_code = ws.close_code
         log.info(
             "disconnected from gateway",
             extra={"close_code": code, "conn_id": conn.welcome.conn_id if conn.welcome else None},

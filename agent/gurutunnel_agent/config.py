@@ -7,6 +7,10 @@ Contract:
   at import time.
 - Bad configuration raises :class:`ConfigError` (a missing or unreadable file, bad TOML) or
   ``pydantic.ValidationError`` (bad values); ``main`` turns both into exit code 1.
+- ``gateway_url`` is required; ``gateway_urls`` (``GT_AGENT_GATEWAY_URLS``, a JSON list in the
+  environment, a TOML array in the file) adds failover URLs. :attr:`AgentSettings.connect_urls`
+  is ``gateway_url`` followed by the others not already listed, in order; the agent tries them
+  in turn (see ``client.py``). Every URL is ``ws://`` or ``wss://`` without user info.
 - Exactly one of ``credential`` and ``credential_file`` is set. The file is re-read on every
   connection attempt (:meth:`AgentSettings.read_credential`) so a rotated credential is picked
   up without a restart.
@@ -82,6 +86,17 @@ def _default_cwd_allowlist() -> list[Path]:
     return [Path.home()]
 
 
+def _check_gateway_url(value: str) -> str:
+    try:
+        parse_uri(value)
+    except InvalidURI:
+        raise ValueError("must be a ws:// or wss:// URL") from None
+    if "@" in value.split("/", 3)[2]:
+        # credentials travel in a header, never in a URL (they would reach access logs)
+        raise ValueError("must not contain user info; use credential or credential_file")
+    return value
+
+
 def _check_credential(value: str, *, where: str) -> str:
     if not _CREDENTIAL_RE.fullmatch(value):
         # never echo the value: it is a secret
@@ -99,6 +114,8 @@ class AgentSettings(BaseSettings):
     )
 
     gateway_url: str = Field(description="e.g. ws://127.0.0.1:8081/agent/v1/connect")
+    gateway_urls: list[str] = Field(default_factory=list, max_length=64)
+    """Failover gateways, tried in turn after ``gateway_url`` (see ``connect_urls``)."""
     credential: SecretStr | None = None
     """The bearer credential itself; prefer ``credential_file`` (the environ is in /proc)."""
     credential_file: Path | None = None
@@ -180,14 +197,19 @@ class AgentSettings(BaseSettings):
     @field_validator("gateway_url")
     @classmethod
     def _gateway_url_is_websocket(cls, value: str) -> str:
-        try:
-            parse_uri(value)
-        except InvalidURI:
-            raise ValueError("must be a ws:// or wss:// URL") from None
-        if "@" in value.split("/", 3)[2]:
-            # credentials travel in a header, never in a URL (they would reach access logs)
-            raise ValueError("must not contain user info; use credential or credential_file")
+        return _check_gateway_url(value)
+
+    @field_validator("gateway_urls")
+    @classmethod
+    def _gateway_urls_are_websocket(cls, value: list[str]) -> list[str]:
+        for url in value:
+            _check_gateway_url(url)
         return value
+
+    @property
+    def connect_urls(self) -> list[str]:
+        """``gateway_url``, then each of ``gateway_urls`` not already listed, in order."""
+        return list(dict.fromkeys([self.gateway_url, *self.gateway_urls]))
 
     @field_validator("credential")
     @classmethod

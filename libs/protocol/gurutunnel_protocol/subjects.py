@@ -84,6 +84,10 @@ class Subjects:
         return f"{self.prefix}.gateway.heartbeat"
 
     def gateway_control(self) -> str:
+        """Core NATS broadcast to every gateway (``ControlMessage``: takeover notices).
+
+        One subject for all agents on purpose: a gateway subscribes once, before it accepts a
+        socket, so it hears every notice about any connection it may come to hold."""
         return f"{self.prefix}.gateway.control"
 
     # JetStream and queue groups

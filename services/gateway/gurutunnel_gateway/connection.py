@@ -13,6 +13,15 @@ Contract (docs/design.md "Agent socket" and "Bus"):
   replica is current and subscribed (it answers instead); a request the agent leaves
   unanswered past ``command_timeout_s`` is answered ``CommandFailed{agent_timeout}`` by the
   sweep; a gateway bug while handling a command answers ``CommandFailed{internal_error}``.
+- Takeover across gateways (docs/design.md "Takeover across gateways"): once
+  ``presence.connected`` is acknowledged, its stream sequence is ``connected_seq`` and a
+  ``ConnectionTakeover`` notice carrying it goes to ``gateway.control`` (not sent by a
+  connection that already knows it lost). ``on_takeover`` with a higher sequence than ours
+  (or any sequence, when our ``presence.connected`` was lost) *supersedes* the connection: it
+  closes ``REPLACED`` and from then on answers nothing, neither new requests nor the ones it
+  held (they are dropped: the newer connection subscribed the command subject before its
+  notice existed, so it answers every request published since). A notice that arrives before
+  our own sequence is known is kept and compared once it is. A lower sequence is ignored.
 - A request is answered only by a frame type that fits it (``REPLIES_BY_REQUEST``); any other
   answer gets an ``error`` frame and the request stays pending.
 - Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
@@ -67,6 +76,7 @@ from gurutunnel_protocol.messages import (
     AgentToServer,
     CommandFailed,
     CommandReply,
+    ConnectionTakeover,
     DisconnectReason,
     ErrorFrame,
     FileAck,
@@ -85,6 +95,7 @@ from gurutunnel_protocol.messages import (
 from .auth import AgentIdentity
 from .bus import Bus, BusError, BusSubscription
 from .config import GatewaySettings
+from .metrics import GatewayMetrics
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -107,6 +118,7 @@ class ConnectionDeps:
     hub: Hub
     gateway_id: str
     boot_id: str
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
 @dataclass(slots=True)
@@ -211,6 +223,13 @@ class AgentConnection:
         self._read_bytes = TokenBucket(
             deps.settings.max_read_bytes_per_s, deps.settings.read_burst_bytes
         )
+        self.connected_seq: int | None = None
+        """Stream sequence of this connection's ``presence.connected`` (None until acked)."""
+        self.superseded = False
+        """A newer connection of this agent (here or on another gateway) took over."""
+        self._presence_lost = False
+        self._newest_notice_seq = 0
+        """Highest sequence another connection announced before ours was known."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -240,6 +259,10 @@ class AgentConnection:
     @property
     def sessions(self) -> frozenset[str]:
         return frozenset(self._sessions)
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
 
     def send(self, frame: Frame) -> bool:
         """Queue a frame for the agent; on overflow close with BACKPRESSURE and return False."""
@@ -271,10 +294,11 @@ class AgentConnection:
     async def _close_socket(self, request: _CloseRequest) -> None:
         if request.final is not None:
             # Sent directly, past a possibly full queue: it is the last word to the agent.
+            text = encode_text(request.final)
             with contextlib.suppress(ConnectionClosed, TimeoutError):
-                await asyncio.wait_for(
-                    self.ws.send(encode_text(request.final)), self._settings.close_timeout_s
-                )
+                await asyncio.wait_for(self.ws.send(text), self._settings.close_timeout_s)
+                self._deps.metrics.traffic.frames_out += 1
+                self._deps.metrics.traffic.bytes_out += len(text)
         # Bounded by the server's close_timeout: websockets aborts the TCP connection after it.
         await self.ws.close(request.code, request.text)
 
@@ -338,15 +362,18 @@ class AgentConnection:
             event = AgentConnected(
                 **self._stamp(), event_id=new_id(), at=_now(), remote_addr=self._remote_addr
             )
-            connected = asyncio.create_task(self._publish_presence(event))
+            connected = asyncio.create_task(self._announce(event))
             log.info("agent connected", extra=self._extra())
             await self._read()
         finally:
             await self._finish(writer, connected)
 
     async def _read(self) -> None:
+        traffic = self._deps.metrics.traffic
         with contextlib.suppress(ConnectionClosed):
             async for message in self.ws:
+                traffic.frames_in += 1
+                traffic.bytes_in += len(message)
                 if self.closing:
                     continue  # closing (revoked, replaced, ...): nothing more is acted upon
                 # Bytes are shaped, never dropped: reading later pushes back on the agent's TCP
@@ -385,10 +412,13 @@ class AgentConnection:
         await self._on_agent_frame(frame)
 
     async def _write(self) -> None:
+        traffic = self._deps.metrics.traffic
         with contextlib.suppress(ConnectionClosed):
             while True:
                 text = await self._queue.get()
                 await self.ws.send(text)
+                traffic.frames_out += 1
+                traffic.bytes_out += len(text)
 
     async def _finish(
         self, writer: asyncio.Task[None], connected: asyncio.Task[None] | None
@@ -408,6 +438,7 @@ class AgentConnection:
             await self._fail(entry.reply, ErrorCode.AGENT_OFFLINE, "agent connection ended")
         code, reason = self._outcome()
         log.info("agent disconnected", extra=self._extra(reason=reason.value, close_code=code))
+        self._deps.metrics.connection_closed(code, reason.value)
         if self._close is not None and self._close.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._close.task, self._settings.close_timeout_s)
@@ -430,19 +461,20 @@ class AgentConnection:
             return int(sent.code), DisconnectReason.CLOSED  # e.g. 1009 frame too large
         return self.ws.close_code, DisconnectReason.CLOSED
 
-    async def _publish_presence(self, event: AgentConnected | AgentDisconnected) -> None:
-        """JetStream publish with de-duplication; a bounded number of attempts."""
+    async def _publish_presence(self, event: AgentConnected | AgentDisconnected) -> int | None:
+        """JetStream publish with de-duplication; a bounded number of attempts.
+
+        Returns the event's stream sequence, or None when every attempt failed."""
         subject = self._deps.subjects.presence(self.agent_id)
         payload = encode(event)
         for attempt in range(1, self._settings.presence_attempts + 1):
             try:
-                await self._deps.bus.publish_durable(
+                return await self._deps.bus.publish_durable(
                     subject,
                     payload,
                     msg_id=event.event_id,
                     timeout_s=self._settings.publish_timeout_s,
                 )
-                return
             except BusError as exc:
                 log.warning(
                     "presence publish failed (attempt %d): %s",
@@ -453,6 +485,70 @@ class AgentConnection:
                 if attempt < self._settings.presence_attempts:
                     await asyncio.sleep(self._settings.presence_retry_wait_s * attempt)
         log.error("presence event lost after retries", extra=self._extra(event=event.type))
+        return None
+
+    # ------------------------------------------------------------------ takeover
+
+    async def _announce(self, event: AgentConnected) -> None:
+        """Publish ``presence.connected``, learn its sequence, then claim the agent."""
+        seq = await self._publish_presence(event)
+        if seq is None:
+            # Without a sequence this connection cannot be ordered: any connection that has one
+            # wins (a notice seen meanwhile, or one arriving later, supersedes it).
+            self._presence_lost = True
+            if self._newest_notice_seq:
+                self._supersede()
+            return
+        self.connected_seq = seq
+        if self._newest_notice_seq > seq:
+            self._supersede()
+        if self.superseded:
+            return
+        # Sent even while closing (replaced on this replica, draining): a connection with a
+        # higher sequence than the local replacement must still fence the older ones elsewhere,
+        # so that every gateway agrees with the API, which orders connections the same way.
+        notice = ConnectionTakeover(**self._stamp(), connected_seq=seq, at=_now())
+        try:
+            await self._deps.bus.publish(self._deps.subjects.gateway_control(), encode(notice))
+        except BusError as exc:
+            # Core NATS, best effort: the API still fences sessions by connected_seq, and the
+            # older socket still ends by its own ping timeout.
+            log.warning("takeover notice not published: %s", exc, extra=self._extra())
+
+    def on_takeover(self, notice: ConnectionTakeover) -> bool:
+        """Another connection of this agent announced its sequence; True if it superseded us."""
+        if notice.agent_id != self.agent_id or notice.conn_id == self.conn_id:
+            return False
+        if self.connected_seq is None and not self._presence_lost:
+            # our own sequence is not known yet: _announce compares once it is
+            self._newest_notice_seq = max(self._newest_notice_seq, notice.connected_seq)
+            return False
+        if self.connected_seq is not None and notice.connected_seq <= self.connected_seq:
+            log.info(
+                "takeover notice of an older connection ignored (seq %d, ours %d)",
+                notice.connected_seq,
+                self.connected_seq,
+                extra=self._extra(),
+            )
+            return False
+        self._supersede()
+        return True
+
+    def _supersede(self) -> None:
+        """A newer connection owns the agent: close ``REPLACED`` and never answer again."""
+        if self.superseded:
+            return
+        self.superseded = True
+        # Dropped, not answered: the newer connection subscribed the command subject before it
+        # announced itself, so it got (and answers) every request published since; answering
+        # agent_offline here would race its real answer (NATS takes the first reply).
+        dropped, self._pending = len(self._pending), {}
+        log.info(
+            "superseded by a newer connection; %d held requests dropped",
+            dropped,
+            extra=self._extra(),
+        )
+        self.close(CloseCode.REPLACED, DisconnectReason.REPLACED, "replaced by a newer connection")
 
     async def expire_pending(self, now: float) -> int:
         """Answer ``agent_timeout`` to requests past their deadline; return how many."""
@@ -494,11 +590,18 @@ class AgentConnection:
             )
 
     def _newer_answers(self) -> bool:
-        """Another connection of this agent on this replica is current and answers commands."""
+        """Another connection of this agent answers commands: the current one of this replica,
+        or, when that one was superseded, the newer connection elsewhere."""
         current = self._deps.hub.current(self.agent_id)
-        return current is not None and current is not self and current.accepts_commands
+        return (
+            current is not None
+            and current is not self
+            and (current.accepts_commands or current.superseded)
+        )
 
     async def _forward_command(self, payload: bytes, reply: str) -> None:
+        if self.superseded:
+            return  # the newer connection (subscribed before it announced itself) answers
         if self.closing or not self._deps.hub.is_current(self):
             if self._newer_answers():
                 return  # both are subscribed: the current one answers, a second reply is noise

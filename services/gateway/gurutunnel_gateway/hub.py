@@ -8,6 +8,10 @@ Contract:
   answers (``current`` is how a closing connection learns whether to stay silent).
 - ``live`` connections include replaced ones that are still closing; shutdown, revocation and the
   pending-request sweep (which answers expired requests ``agent_timeout``) act on all of them.
+- Across gateways the order is the stream sequence of each connection's ``presence.connected``
+  (docs/design.md "Takeover across gateways"): ``takeover`` hands a ``ConnectionTakeover``
+  notice to this replica's current connection of that agent, which closes itself
+  ``REPLACED`` when the notice is newer than it and ignores it otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from gurutunnel_protocol import CloseCode
-from gurutunnel_protocol.messages import DisconnectReason
+from gurutunnel_protocol.messages import ConnectionTakeover, DisconnectReason
 
 if TYPE_CHECKING:
     from .connection import AgentConnection
@@ -58,6 +62,17 @@ class Hub:
         """A snapshot of every live connection (safe to close them while iterating)."""
         return iter(list(self._live))
 
+    def takeover(self, notice: ConnectionTakeover) -> bool:
+        """Apply a takeover notice; True when it superseded a connection of this replica.
+
+        Only the current connection needs it: older local ones are already closing (replaced
+        here), and they stay silent while a newer one is current or superseded (see
+        ``AgentConnection``)."""
+        conn = self._current.get(notice.agent_id)
+        if conn is None:
+            return False
+        return conn.on_takeover(notice)
+
     def revoke(self, agent_id: str, not_before: datetime) -> int:
         """Close (4501) the connections of ``agent_id`` whose credential predates ``not_before``."""
         closed = 0
@@ -74,3 +89,8 @@ class Hub:
     @property
     def agent_count(self) -> int:
         return len(self._current)
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests forwarded to agents and not answered yet, over every live connection."""
+        return sum(conn.pending_requests for conn in self._live)

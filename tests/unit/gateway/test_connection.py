@@ -77,8 +77,9 @@ class FakeBus:
 
     async def publish_durable(
         self, subject: str, payload: bytes, *, msg_id: str, timeout_s: float
-    ) -> None:
+    ) -> int:
         self.published.append((subject, payload))
+        return len(self.published)  # a stream sequence: grows with each publication
 
     async def subscribe(self, subject: str, handler: MessageHandler) -> BusSubscription:
         return FakeSubscription()

@@ -166,7 +166,7 @@ def test_bus_messages_round_trip() -> None:
     assert decode_presence(encode(connected)) == connected
     assert decode_presence(encode(disconnected)) == disconnected
     revoked = AgentRevoked(agent_id="a1", not_before=NOW)
-    takeover = ConnectionTakeover(agent_id="a1", gateway_id="g2", conn_id="c2", at=NOW)
+    takeover = ConnectionTakeover(**STAMP, connected_seq=7, at=NOW)
     assert decode_control(encode(revoked)) == revoked
     assert decode_control(encode(takeover)) == takeover
     reply = CommandReply(**STAMP, frame=TunnelReady(req_id="r1", session_id="s1"))

@@ -160,13 +160,18 @@ class AgentRevoked(Frame):
     )
 
 
-class ConnectionTakeover(Frame):
-    """gateways -> gateways (``gateway.control``): ``conn_id`` is now the agent's connection."""
+class ConnectionTakeover(GatewayStamp):
+    """gateway -> gateways (``gateway.control``, core NATS): ``conn_id`` claims the agent.
+
+    Sent once the connection's ``presence.connected`` is in the presence stream.
+    ``connected_seq`` is that event's stream sequence: the one total order that every gateway
+    and the API agree on without a database. The connection with the highest sequence is the
+    agent's; a gateway holding a connection of the agent with a lower sequence closes it with
+    ``CloseCode.REPLACED``, and a notice with a lower sequence than its own is ignored.
+    """
 
     type: Literal["control.takeover"] = "control.takeover"
-    agent_id: Id
-    gateway_id: Id
-    conn_id: Id
+    connected_seq: int = Field(ge=1)
     at: datetime
 
 

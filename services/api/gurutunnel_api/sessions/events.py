@@ -3,7 +3,10 @@
 Contract (docs/design.md "Sessions (api)"), each handler in one transaction holding the agent
 row lock, and idempotent (a replayed event changes nothing and writes no audit row):
 - ``disconnected(conn_id)`` records the connection as gone, closes the sessions bound to that
-  connection (``agent_disconnected``, one audit row each) and marks the agent offline only if
+  connection (one audit row each) with the close reason ``close_reason_for`` maps the
+  disconnect reason to (the gateway drained: ``gateway_shutdown``; it lost its lease:
+  ``gateway_lost``; revoked: ``revoked``; anything else, including ``replaced`` by a newer
+  connection of the agent: ``agent_disconnected``) and marks the agent offline only if
   ``agent.conn_id == conn_id`` (an old connection's disconnect never touches a newer one).
 - ``connected(conn_id)`` with stream sequence ``seq`` records the connection and ``seq`` as its
   ``connected_seq``, marks the agent online on it unless a connection with a higher
@@ -21,13 +24,32 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gurutunnel_protocol.messages import AgentConnected, AgentDisconnected, PresenceEvent
+from gurutunnel_protocol.messages import (
+    AgentConnected,
+    AgentDisconnected,
+    DisconnectReason,
+    PresenceEvent,
+)
 
 from ..agents.models import AgentConnection
 from ..audit.models import SYSTEM_ACTOR
 from .service import close_open_sessions, lock_agent
 
 log = logging.getLogger(__name__)
+
+# Why the session ended, seen from the technician: the gateway's doing or the agent's link.
+# ``replaced`` stays ``agent_disconnected``: the socket that carried the session is gone because
+# the agent came back on a newer one (whose own session starts afresh).
+_CLOSE_REASONS: dict[DisconnectReason, str] = {
+    DisconnectReason.SHUTDOWN: "gateway_shutdown",
+    DisconnectReason.LEASE_LOST: "gateway_lost",
+    DisconnectReason.REVOKED: "revoked",
+}
+
+
+def close_reason_for(reason: DisconnectReason) -> str:
+    """The session close reason for a connection that ended with ``reason``."""
+    return _CLOSE_REASONS.get(reason, "agent_disconnected")
 
 
 async def handle_presence(
@@ -69,7 +91,7 @@ async def on_disconnected(db: AsyncSession, event: AgentDisconnected) -> None:
             db,
             agent_id=event.agent_id,
             conn_id=event.conn_id,
-            reason="agent_disconnected",
+            reason=close_reason_for(event.reason),
             actor=SYSTEM_ACTOR,
             detail={
                 "event_id": event.event_id,

@@ -4,6 +4,7 @@
 technician (a disabled or deleted account stops working at once, and the role comes from the
 database, not from the token). ``AdminUser`` and ``OperatorUser`` (admin or tech) add the role
 guard; a missing or bad token is 401 ``unauthorized``, a role too weak 403 ``forbidden``.
+``MetricsDep`` is the app's :class:`.metrics.ApiMetrics`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .auth.models import Role, Technician
 from .bus import Bus
 from .config import ApiSettings
 from .errors import Forbidden, ServiceUnavailable, Unauthorized
+from .metrics import ApiMetrics
 from .security import InvalidToken, PasswordHashing, decode_tech_token
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,11 @@ def get_bus(request: Request) -> Bus:
     return bus
 
 
+def get_metrics(request: Request) -> ApiMetrics:
+    metrics: ApiMetrics = request.app.state.metrics
+    return metrics
+
+
 def get_passwords(request: Request) -> PasswordHashing:
     passwords: PasswordHashing = request.app.state.passwords
     return passwords
@@ -62,6 +69,7 @@ def get_agent_signing_key(request: Request) -> Ed25519PrivateKey:
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_db)]
 BusDep = Annotated[Bus, Depends(get_bus)]
+MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 PasswordsDep = Annotated[PasswordHashing, Depends(get_passwords)]
 SigningKeyDep = Annotated[Ed25519PrivateKey, Depends(get_agent_signing_key)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="a subject-safe id")]

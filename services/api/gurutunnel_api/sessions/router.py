@@ -8,7 +8,15 @@ from fastapi import APIRouter, Query, status
 
 from gurutunnel_protocol import ID_PATTERN
 
-from ..deps import BusDep, CurrentUser, IdPath, OperatorUser, SessionDep, SettingsDep
+from ..deps import (
+    BusDep,
+    CurrentUser,
+    IdPath,
+    MetricsDep,
+    OperatorUser,
+    SessionDep,
+    SettingsDep,
+)
 from ..schemas import error_responses
 from . import service
 from .models import SessionState
@@ -24,11 +32,17 @@ router = APIRouter(prefix="/api/v1/tunnel", tags=["sessions"])
     responses=error_responses(401, 403, 404, 409, 502, 504),
 )
 async def open_session(
-    body: SessionCreate, db: SessionDep, bus: BusDep, settings: SettingsDep, tech: OperatorUser
+    body: SessionCreate,
+    db: SessionDep,
+    bus: BusDep,
+    settings: SettingsDep,
+    tech: OperatorUser,
+    metrics: MetricsDep,
 ) -> SessionPublic:
-    row = await service.open_session(
-        db, bus=bus, settings=settings, agent_id=body.agent_id, tech=tech
-    )
+    with metrics.counting_tunnel_open():
+        row = await service.open_session(
+            db, bus=bus, settings=settings, agent_id=body.agent_id, tech=tech
+        )
     return SessionPublic.from_row(row)
 
 

@@ -82,6 +82,7 @@ from ..errors import (
     Unauthorized,
     work_refusal,
 )
+from ..metrics import ApiMetrics
 from ..sessions.models import SessionState, TechSession
 from .models import WsTicket
 from .schemas import CommandSpec, Encoding, ExecResult, GapPublic
@@ -133,6 +134,7 @@ class WorkContext:
     bus: Bus
     sessionmaker: async_sessionmaker[AsyncSession]
     background: TaskSet = field(default_factory=TaskSet)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,6 +618,7 @@ async def _undo_start(
             await sub.close()
     finally:
         await complete_audit(ctx.sessionmaker, audit_id, reason=reason)
+        ctx.metrics.command_finished(reason)
 
 
 class CommandRun:
@@ -749,6 +752,7 @@ class CommandRun:
                 exit_frame=exit_frame,
                 truncated=exit_frame.truncated or self.api_truncated,
             )
+            self.ctx.metrics.command_finished(exit_frame.reason.value)
         finally:
             await self.sub.close()
 
@@ -766,6 +770,7 @@ class CommandRun:
             await self.sub.close()
         finally:
             await complete_audit(self.ctx.sessionmaker, self.audit_id, reason=code.value)
+            self.ctx.metrics.command_finished(code.value)
 
     async def _drain_after_cancel(self) -> None:
         try:
@@ -790,8 +795,10 @@ class CommandRun:
                         reason=frame.reason.value,
                         exit_frame=frame,
                     )
+                    self.ctx.metrics.command_finished(frame.reason.value)
                     return
             await complete_audit(self.ctx.sessionmaker, self.audit_id, reason="client_gone")
+            self.ctx.metrics.command_finished("client_gone")
         finally:
             await self.sub.close()
 

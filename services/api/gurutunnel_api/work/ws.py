@@ -413,6 +413,7 @@ class TechSocket:
                 await service.complete_audit(
                     self.ctx.sessionmaker, channel.audit_id, reason=reason, exit_frame=exit_frame
                 )
+                self.ctx.metrics.command_finished(reason)
         else:
             await service.record_shell_close(
                 self.ctx.sessionmaker,

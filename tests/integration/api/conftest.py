@@ -105,6 +105,9 @@ def api_settings(
         presence_fetch_timeout_s=0.2,
         presence_nak_delay_s=0.1,
         shutdown_grace_s=3,
+        # the fake gateways never heartbeat: the lease reaper must not close their sessions
+        # mid-test (test_leases.py sets its own)
+        lease_unknown_grace_s=600.0,
     )
 
 

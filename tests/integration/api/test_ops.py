@@ -38,7 +38,7 @@ async def test_migrations_reach_head_twice_and_match_the_models(api_settings: Ap
             assert await conn.run_sync(_schema_diff) == []
             assert "uq_tech_session_agent_open" in await conn.run_sync(_index_names)
             version = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
-            assert version == "0004"
+            assert version == "0005"
     finally:
         await engine.dispose()
 

@@ -44,13 +44,23 @@ class AgentConnection(SQLModel, table=True):
 
 
 class GatewayLease(SQLModel, table=True):
-    """The last heartbeat of each gateway (read by the lease reaper, a later issue)."""
+    """The lease of each gateway: its last heartbeat, and the boot the lease reaper declared lost.
+
+    The lease of ``boot_id`` is live until ``renewed_at + lease_ttl_s`` (``renewed_at`` is the
+    API's clock when the heartbeat was handled); once expired, ``lost_boot_id = boot_id`` and
+    heartbeats of that boot are ignored for good (see :mod:`.leases`)."""
 
     __tablename__ = "gateway_lease"
 
     gateway_id: str = Field(primary_key=True, max_length=64)
     boot_id: str = Field(max_length=64)
     last_seen_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    """The gateway's own ``at`` of its last heartbeat (informational: another machine's clock)."""
+    renewed_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    """When an API handled the last heartbeat, on the API's clock: what expiry is judged on."""
     lease_ttl_s: float
     agents: int = Field(default=0)
     draining: bool = Field(default=False)
+    lost_boot_id: str | None = Field(default=None, max_length=64)
+    """The last boot whose lease expired; equal to ``boot_id`` while the lease is lost."""
+    lost_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -31,14 +31,26 @@ Contract:
   (``file.chunk``, ``file.ack``, ``file.cancel``) on ``session.<id>.down``; raises
   ``BusUnavailable`` when NATS is not connected.
 - ``start()`` raises only ``BusUnavailable`` (connect, stream, consumer and subscriptions).
+- Reconnects: nats-py replays every core subscription (agent events, gateway heartbeats, the
+  pull subscription's inbox, session subscriptions) on the new connection; the durable presence
+  consumer lives in the (file-backed) stream and survives a server restart. With
+  ``nats_max_reconnect_attempts`` -1 (the default; nats-py treats 0 alike) the client
+  reconnects forever and ``connected`` is False meanwhile (readiness fails); with N > 0 it
+  closes the connection for good after N + 1 failed attempts, and ``gave_up`` is True from then
+  on (``/healthz`` fails, so the process is restarted).
 - Consumers: presence events come from the durable pull consumer ``Subjects.presence_consumer``
   on the stream ``Subjects.presence_stream`` (created idempotently with the parameters of
   ``subjects.py``); the handler gets the event and its JetStream stream sequence (the order in
   which the stream received it; no NATS type leaves this module). A message is acked only after
   its handler committed, nak'ed (redelivered after ``presence_nak_delay_s``) when the handler
-  failed, and terminated when it cannot be decoded. Agent events and gateway heartbeats arrive
-  through core NATS subscriptions in the queue group ``Subjects.api_queue``; a failing handler is
-  logged and never stops a subscription.
+  failed, and terminated when it cannot be decoded. The consumer is created or updated to the
+  settings on every subscribe (a changed ``presence_ack_wait_s`` applies on the next start).
+  While a fetched batch is handled, its messages not handled yet are marked in progress every
+  ``presence_ack_wait_s / 3``: a slow handler never causes a redelivery, so the ack wait can be
+  short, and it alone bounds how long an event fetched by an API that crashed before acking it
+  waits to be redelivered to another (or the restarted) API. Agent events and gateway
+  heartbeats arrive through core NATS subscriptions in the queue group ``Subjects.api_queue``;
+  a failing handler is logged and never stops a subscription.
 - Presence consumer health: an idle pull subscription on a deleted consumer or stream only times
   out, so the loop asks for the consumer's info every ``presence_check_interval_s`` while idle.
   "Not found" or ``presence_max_fetch_errors`` consecutive fetch errors mark the consumer down
@@ -114,8 +126,36 @@ from gurutunnel_protocol.subjects import (
 )
 
 from .config import ApiSettings
+from .metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
+
+
+class _Client(NatsClient):
+    """nats-py's client with one repair: the PONG of a flush whose future was cancelled.
+
+    A ``flush()`` that is cancelled (its caller's task cancelled, or its own timeout) leaves a
+    cancelled future in the client's PONG queue; nats-py 2.16 calls ``set_result`` on it when the
+    PONG arrives, the ``InvalidStateError`` ends the read loop, and the client then hears nothing
+    (no messages, no replies) until its own pings declare the connection stale. Here such a PONG
+    is counted and dropped like any other.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
+
+async def _connect(**options: Any) -> NatsClient:
+    """``nats.connect`` with :class:`_Client`."""
+    nc = _Client()
+    await nc.connect(**options)
+    return nc
+
 
 CommandFrame: TypeAlias = (
     TunnelOpen
@@ -322,9 +362,12 @@ class Bus(Protocol):
 class NatsBus:
     """The real bus on one NATS connection."""
 
-    def __init__(self, settings: ApiSettings, handlers: BusHandlers) -> None:
+    def __init__(
+        self, settings: ApiSettings, handlers: BusHandlers, *, metrics: ApiMetrics | None = None
+    ) -> None:
         self._settings = settings
         self._handlers = handlers
+        self._metrics = metrics or ApiMetrics()
         self.subjects = Subjects(settings.subject_prefix)
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -343,7 +386,7 @@ class NatsBus:
         s = self._settings
         try:
             self._nc = await asyncio.wait_for(
-                nats.connect(
+                _connect(
                     servers=[s.nats_url],
                     name="gurutunnel-api",
                     connect_timeout=s.nats_connect_timeout_s,
@@ -355,6 +398,7 @@ class NatsBus:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
                 ),
                 timeout=s.nats_connect_timeout_s * 3,
             )
@@ -384,21 +428,34 @@ class NatsBus:
         assert self._js is not None
         s = self._settings
         await self._ensure_presence_stream()
+        js = self._js
+        stream, durable = self.subjects.presence_stream, self.subjects.presence_consumer
+        config = ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            filter_subject=self.subjects.all_presence(),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=s.presence_ack_wait_s,
+            max_deliver=-1,
+        )
+
+        async def bind() -> JetStreamContext.PullSubscription:
+            # create or update (the server's default action): an existing durable takes the
+            # settings of this process, e.g. a shorter ack wait
+            try:
+                await js.add_consumer(stream, config=config)
+            except nats.js.errors.BadRequestError as exc:
+                # a server that cannot change it in place: use it as it is, if it exists
+                await js.consumer_info(stream, durable)
+                log.warning(
+                    "presence consumer kept with its own settings",
+                    extra={"error": exc.description},
+                )
+            return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
         try:
-            return await asyncio.wait_for(
-                self._js.pull_subscribe(
-                    self.subjects.all_presence(),
-                    durable=self.subjects.presence_consumer,
-                    stream=self.subjects.presence_stream,
-                    config=ConsumerConfig(
-                        ack_policy=AckPolicy.EXPLICIT,
-                        deliver_policy=DeliverPolicy.ALL,
-                        ack_wait=s.presence_ack_wait_s,
-                        max_deliver=-1,
-                    ),
-                ),
-                s.request_timeout_s,
-            )
+            return await asyncio.wait_for(bind(), s.request_timeout_s)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BusUnavailable(f"presence consumer unavailable: {type(exc).__name__}") from exc
 
@@ -427,6 +484,12 @@ class NatsBus:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def gave_up(self) -> bool:
+        """The client closed the connection for good without ``close`` (its reconnect budget is
+        spent): only a restart of the process brings the bus back."""
+        return self._nc is not None and self._nc.is_closed and not self._closing
 
     @property
     def presence_healthy(self) -> bool:
@@ -575,8 +638,29 @@ class NatsBus:
                 await asyncio.sleep(s.presence_nak_delay_s or 0.1)
                 continue
             errors = 0
-            for msg in msgs:
-                await self._handle_presence(msg)
+            await self._handle_batch(msgs)
+
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        """Handle ``msgs`` in order while the ones not handled yet are kept in progress."""
+        pending = list(msgs)
+        keeper = asyncio.create_task(self._keep_in_progress(pending), name="presence-wip")
+        try:
+            while pending:
+                await self._handle_presence(pending[0])
+                pending.pop(0)
+        finally:
+            keeper.cancel()
+            # wait, not await: a cancel of this task itself must not be swallowed here
+            await asyncio.wait([keeper], timeout=self._settings.request_timeout_s)
+
+    async def _keep_in_progress(self, pending: list[Msg]) -> None:
+        interval = self._settings.presence_ack_wait_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            for msg in list(pending):
+                if not msg.is_acked:  # acked, nak'ed or terminated meanwhile: leave it alone
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.in_progress()
 
     async def _presence_consumer_gone(self, psub: JetStreamContext.PullSubscription) -> bool:
         try:
@@ -631,6 +715,7 @@ class NatsBus:
                 raise ProtocolError(ErrorCode.NOT_YOUR_SESSION, "subject names another agent")
         except ProtocolError as exc:
             log.warning("presence event refused", extra={"code": exc.code, "error": exc.message})
+            self._metrics.presence_event("unknown", "refused")
             with contextlib.suppress(nats.errors.Error):
                 await msg.term()
             return
@@ -639,6 +724,7 @@ class NatsBus:
         except Exception:
             # not a JetStream message: nothing to order it by, so it cannot be handled
             log.warning("presence message without stream metadata refused")
+            self._metrics.presence_event(event.type, "refused")
             return
         try:
             await self._handlers.on_presence(event, sequence)
@@ -647,9 +733,11 @@ class NatsBus:
                 "presence handler failed; redelivering",
                 extra={"agent_id": event.agent_id, "conn_id": event.conn_id},
             )
+            self._metrics.presence_event(event.type, "failed")
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=self._settings.presence_nak_delay_s)
             return
+        self._metrics.presence_event(event.type, "handled")
         # an ack lost here means a redelivery, which the idempotent handler absorbs
         with contextlib.suppress(nats.errors.Error):
             await msg.ack()
@@ -692,5 +780,13 @@ class NatsBus:
         if not self._closing:
             log.warning("nats disconnected")
 
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            log.error(
+                "nats connection closed for good (reconnect budget spent); "
+                "liveness fails until the process is restarted"
+            )
+
     async def _on_reconnected(self) -> None:
         log.info("nats reconnected")
+        self._metrics.nats_reconnected()

@@ -49,7 +49,10 @@ class ApiSettings(BaseSettings):
     nats_drain_timeout_s: float = Field(default=5.0, gt=0)
     presence_fetch_batch: int = Field(default=64, ge=1)
     presence_fetch_timeout_s: float = Field(default=1.0, gt=0)
-    presence_ack_wait_s: float = Field(default=30.0, gt=0)
+    presence_ack_wait_s: float = Field(default=5.0, gt=0)
+    """How long JetStream waits for the ack of a presence event before it redelivers it: the
+    bound on replaying events an API fetched and then crashed on (a handler still running keeps
+    its events in progress, so a slow one is never redelivered)."""
     presence_nak_delay_s: float = Field(default=1.0, ge=0)
     presence_check_interval_s: float = Field(default=5.0, gt=0)
     """While idle, how often the presence consumer is checked for existence."""
@@ -77,6 +80,17 @@ class ApiSettings(BaseSettings):
     """How often the sweeper fails ``pending`` sessions older than open + close timeouts."""
     pending_sweep_batch: int = Field(default=100, ge=1)
     """At most this many agents' stale sessions are failed per sweep."""
+
+    # gateway leases (close path 2, see agents/leases.py)
+    lease_reap_interval_s: float = Field(default=1.0, gt=0)
+    """How often the lease reaper looks for gateways whose lease expired (judged on this API's
+    clock: the time each heartbeat was handled, never the gateway's own ``at``)."""
+    lease_unknown_grace_s: float = Field(default=10.0, ge=0)
+    """A gateway with open sessions but no heartbeat on record is judged lost only after this
+    process has known of it this long (an API restart must not close the sessions of healthy
+    gateways whose first heartbeat has not arrived yet)."""
+    lease_reap_batch: int = Field(default=100, ge=1)
+    """At most this many leases marked lost and sessions closed per reaper round."""
 
     # work inside a session (commands, WebSocket) and session limits
     session_idle_timeout_s: float = Field(default=900.0, gt=0)

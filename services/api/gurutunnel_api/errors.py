@@ -239,9 +239,25 @@ def session_exists() -> Conflict:
     return Conflict("agent already has an open session", code=ErrorCode.SESSION_EXISTS)
 
 
+# PostgreSQL SQLSTATEs that mean "no database to talk to right now" (not a bad statement):
+# class 08 (connection exceptions), 53300 too many connections, 57P01-57P03 admin or crash
+# shutdown and "the database system is starting up / shutting down" (asyncpg raises these as
+# plain driver errors, which SQLAlchemy wraps as a bare DBAPIError, not an OperationalError)
+_UNAVAILABLE_SQLSTATES = frozenset({"53300", "57P01", "57P02", "57P03"})
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str:
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return state if isinstance(state, str) else ""
+
+
 def is_database_unavailable(exc: BaseException) -> bool:
     """True for failures that mean "the database does not answer" rather than a bug."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, sa_exc.DBAPIError) and (
+        exc.connection_invalidated
+        or _sqlstate(exc).startswith("08")
+        or _sqlstate(exc) in _UNAVAILABLE_SQLSTATES
+    ):
         return True
     return isinstance(
         exc,

@@ -7,7 +7,9 @@ Contract:
   ``count``) and ``exc`` for a trace. Anything else in ``extra`` is dropped, so a caller cannot
   leak a token, password or credential by passing it as an extra field.
 - As a second line of defence, text that looks like a credential is masked in the message and
-  the trace: JWTs (``eyJ...``), ``Bearer <x>`` and argon2 hashes.
+  the trace: JWTs (``eyJ...``), ``Bearer <x>``, argon2 hashes and the value of a ``ticket``
+  query parameter (uvicorn logs every WebSocket upgrade with its query string, and the
+  technician WebSocket carries its single-use ticket there).
 - ``configure_logging(level)`` installs one stderr handler with the formatter on the root logger
   and routes ``uvicorn``'s loggers through it; ``uvicorn_log_config(level)`` is the same as a
   ``logging.config.dictConfig`` mapping for ``uvicorn.run(log_config=...)``.
@@ -39,6 +41,7 @@ _SECRETS = re.compile(
     r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"  # JWT / JWS
     r"|(?i:bearer)\s+\S+"  # an Authorization value
     r"|\$argon2[a-z]*\$\S+"  # a password hash
+    r"|(?<=[?&]ticket=)[^&\s\"']+"  # a WebSocket ticket in a logged URL
 )
 _MASK = "[redacted]"
 

@@ -2,10 +2,15 @@
 
 Startup: build the engine, load the agent signing key (when configured; an unreadable key fails
 startup), connect the bus and start its consumers (a NATS that cannot be reached fails startup
-with ``BusUnavailable``), start the stale-pending sweeper and the session-limit reaper.
+with ``BusUnavailable``), start the stale-pending sweeper, the session-limit reaper and the
+gateway lease reaper (after the bus subscribed: its grace counts from then).
 Shutdown: cancel them and the background tasks of work inside sessions, stop the bus
 (bounded drain), dispose the engine. ``/readyz`` answers 503 ``bus_unavailable`` while
-NATS is disconnected or the durable presence consumer is down (close path 1 would be dead).
+NATS is disconnected or the durable presence consumer is down (close path 1 would be dead);
+``/healthz`` answers 503 ``bus_unavailable`` once the NATS client gave up reconnecting (a finite
+``nats_max_reconnect_attempts`` spent), so the liveness probe restarts the process.
+``/metrics`` is the Prometheus exposition of this app's :class:`.metrics.ApiMetrics` (own
+registry; HTTP requests timed by :class:`.metrics.HttpMetricsMiddleware`); it needs no token.
 When the root logger has no handler yet, ``create_app`` installs the JSON log handler
 (``serve`` installs it through uvicorn's log config, for uvicorn's loggers too).
 Schema migrations are not run here: ``gurutunnel-api serve --migrate`` (default) or
@@ -21,11 +26,12 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from gurutunnel_protocol import ErrorCode
 
 from .agents.events import handle_agent_heartbeat, handle_gateway_heartbeat
+from .agents.leases import run_lease_reaper
 from .agents.router import router as agents_router
 from .audit.router import router as audit_router
 from .auth.router import router as auth_router
@@ -36,6 +42,7 @@ from .db import make_engine, make_sessionmaker, ping
 from .errors import error_response, install_error_handlers
 from .files.router import router as files_router
 from .logs import configure_logging
+from .metrics import ApiMetrics, HttpMetricsMiddleware
 from .security import PasswordHashing, load_agent_signing_key
 from .sessions.events import handle_presence
 from .sessions.router import router as sessions_router
@@ -50,6 +57,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the application; settings come from ``GT_API_*`` when not given."""
     settings = settings or ApiSettings()  # jwt_secret comes from the env
+    metrics = ApiMetrics()  # this app's own registry: many apps may live in one process
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +75,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 on_agent_heartbeat=partial(handle_agent_heartbeat, sessionmaker),
                 on_gateway_heartbeat=partial(handle_gateway_heartbeat, sessionmaker),
             ),
+            metrics=metrics,
         )
         try:
             await bus.start()
@@ -78,7 +87,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         app.state.bus = bus
         app.state.agent_signing_key = key
-        work = WorkContext(settings=settings, bus=bus, sessionmaker=sessionmaker)
+        work = WorkContext(settings=settings, bus=bus, sessionmaker=sessionmaker, metrics=metrics)
         app.state.work = work
         loops = [
             asyncio.create_task(
@@ -86,6 +95,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             ),
             asyncio.create_task(
                 run_reaper(sessionmaker, bus=bus, settings=settings), name="session-reaper"
+            ),
+            asyncio.create_task(
+                run_lease_reaper(
+                    sessionmaker, bus=bus, settings=settings, on_lease_lost=metrics.lease_lost
+                ),
+                name="lease-reaper",
             ),
         ]
         try:
@@ -100,6 +115,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         configure_logging(settings.log_level)
     app = FastAPI(title="gurutunnel API", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.state.passwords = PasswordHashing(settings.password_hash_concurrency)
     install_error_handlers(app)
     app.include_router(auth_router)
@@ -110,9 +127,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(audit_router)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        """Alive (the process answers)."""
+    @app.get("/healthz", tags=["health"], response_model=None)
+    async def healthz(request: Request) -> dict[str, str] | JSONResponse:
+        """Alive (the process answers), unless its NATS client gave up reconnecting: then 503,
+        so the liveness probe restarts the process (readiness alone would not)."""
+        bus: NatsBus | None = getattr(request.app.state, "bus", None)
+        if bus is not None and bus.gave_up:
+            return error_response(
+                503,
+                ErrorCode.BUS_UNAVAILABLE,
+                "NATS connection closed for good (reconnect budget spent); restart me",
+            )
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], response_model=None)
@@ -131,5 +156,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 503, ErrorCode.BUS_UNAVAILABLE, "presence consumer unavailable (being recreated)"
             )
         return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus exposition. No token: it holds no secret and no id (label values are
+        route templates, states and codes); keep it on the pod network, off the ingress."""
+        await metrics.refresh(request.app.state.sessionmaker, timeout_s=settings.request_timeout_s)
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     return app

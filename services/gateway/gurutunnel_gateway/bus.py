@@ -6,9 +6,19 @@ Contract:
 - ``ensure_presence_stream`` creates the presence stream (``Subjects.presence_stream``,
   ``[Subjects.all_presence()]``, file storage, max age and duplicate window from
   ``subjects.py``) if it does not exist; ``watch_revocations`` creates the revocation bucket if
-  missing and calls back for every key (initial snapshot, then live updates).
-- ``publish_durable`` publishes through JetStream with ``Nats-Msg-Id`` (de-duplication) and
-  waits for the stream's ack within a timeout.
+  missing and calls back for every key (initial snapshot, then live updates). After every
+  reconnect the watch is made again (its ordered consumer lives in the server's memory: a
+  restarted server lost it, and nats-py alone would notice only after two missed idle
+  heartbeats, 10 s or more), retried with backoff until it works or the bus closes; the new
+  snapshot delivers every key again, so the handler must be idempotent.
+- Reconnect budget: ``nats_max_reconnect_attempts`` -1 (the default; nats-py treats 0 alike)
+  reconnects forever and ``connected`` is False during an outage (readiness fails). With N > 0
+  the client closes the connection for good after N + 1 failed attempts; ``gave_up`` is then
+  True and stays so (the server answers ``/healthz`` 503, so the liveness probe restarts the
+  process).
+- ``publish_durable`` publishes through JetStream with ``Nats-Msg-Id`` (de-duplication), waits
+  for the stream's ack within a timeout and returns the message's stream sequence (a retried
+  publish that the stream de-duplicated returns the sequence of the stored original).
 - Nothing above this module sees a NATS exception type; failures raise::
 
     BusError            any bus failure
@@ -29,6 +39,7 @@ from typing import Any, Protocol
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from gurutunnel_protocol import Subjects
@@ -40,6 +51,33 @@ from gurutunnel_protocol.subjects import (
 from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+
+class _Client(NatsClient):
+    """nats-py's client with one repair: the PONG of a flush whose future was cancelled.
+
+    A ``flush()`` that is cancelled (its caller's task cancelled, or its own timeout) leaves a
+    cancelled future in the client's PONG queue; nats-py 2.16 calls ``set_result`` on it when the
+    PONG arrives, the ``InvalidStateError`` ends the read loop, and the client then hears nothing
+    (no messages, no replies) until its own pings declare the connection stale. Here such a PONG
+    is counted and dropped like any other.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
+
+async def _connect(**options: Any) -> NatsClient:
+    """``nats.connect`` with :class:`_Client`."""
+    nc = _Client()
+    await nc.connect(**options)
+    return nc
+
 
 MessageHandler = Callable[[bytes, str | None], Awaitable[None]]
 """Called with (payload, reply subject or None) for each message of a subscription."""
@@ -74,7 +112,7 @@ class Bus(Protocol):
 
     async def publish_durable(
         self, subject: str, payload: bytes, *, msg_id: str, timeout_s: float
-    ) -> None: ...
+    ) -> int: ...
 
     async def subscribe(self, subject: str, handler: MessageHandler) -> BusSubscription: ...
 
@@ -106,13 +144,24 @@ class _NatsSubscription:
 class NatsBus:
     """``Bus`` over one real NATS connection."""
 
-    def __init__(self, settings: GatewaySettings, subjects: Subjects) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        subjects: Subjects,
+        *,
+        on_reconnected: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._subjects = subjects
+        self._on_reconnected = on_reconnected  # counts reconnects (metrics)
         self._nc: Any = None
+        self._flushes: set[asyncio.Task[None]] = set()  # see publish_flushed
         self._js: Any = None
         self._watcher: Any = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._revocation_handler: RevocationHandler | None = None
+        self._rewatch_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def connect(self) -> None:
         s = self._settings
@@ -125,9 +174,19 @@ class NatsBus:
 
         async def on_reconnected() -> None:
             log.info("nats reconnected")
+            if self._on_reconnected is not None:
+                self._on_reconnected()
+            self._restart_revocation_watch()
+
+        async def on_closed() -> None:
+            if not self._closing:
+                log.error(
+                    "nats connection closed for good (reconnect budget spent); "
+                    "liveness fails until the process is restarted"
+                )
 
         try:
-            self._nc = await nats.connect(
+            self._nc = await _connect(
                 servers=[s.nats_url],
                 name=f"gurutunnel-gateway-{s.gateway_id}",
                 connect_timeout=s.nats_connect_timeout_s,
@@ -139,6 +198,7 @@ class NatsBus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
             )
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
@@ -148,22 +208,28 @@ class NatsBus:
     def connected(self) -> bool:
         return self._nc is not None and bool(self._nc.is_connected)
 
+    @property
+    def gave_up(self) -> bool:
+        """The client closed the connection for good without ``close`` (its reconnect budget is
+        spent): only a restart of the process brings the bus back."""
+        return self._nc is not None and bool(self._nc.is_closed) and not self._closing
+
     async def close(self) -> None:
         """Stop the revocation watch, flush and close the connection (idempotent)."""
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-            self._watch_task = None
-        if self._watcher is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await self._watcher.stop()
-            self._watcher = None
+        self._closing = True
+        rewatch, self._rewatch_task = self._rewatch_task, None
+        if rewatch is not None:
+            rewatch.cancel()
+            await asyncio.wait([rewatch], timeout=self._settings.publish_timeout_s)
+        await self._stop_watch()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(*_NATS_ERRORS):
                 await asyncio.wait_for(self._nc.drain(), self._settings.publish_timeout_s)
             with contextlib.suppress(*_NATS_ERRORS):
                 await self._nc.close()
+        # closed: no PONG can come any more, so cancelling the round trips is safe now
+        for flush in list(self._flushes):
+            flush.cancel()
 
     async def ensure_presence_stream(self) -> None:
         name = self._subjects.presence_stream
@@ -194,17 +260,54 @@ class NatsBus:
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
 
+    async def publish_flushed(self, subject: str, payload: bytes, *, timeout_s: float) -> None:
+        """Publish and wait until the server has it (a PING/PONG round trip), ``timeout_s`` at
+        most; ``BusTimeout`` past it.
+
+        A plain ``publish`` succeeds into the client's buffer even while NATS is down; the
+        lease heartbeat must know it left. So must a flush: while nats-py reconnects, its read
+        and flush loops are stopped and ``flush()`` returns at once without a round trip, so a
+        disconnected client is refused up front. The round trip runs in a task of its own that
+        this method never cancels: nats-py's read loop dies when a PONG arrives for a flush
+        whose future was cancelled (a caller's timeout), and the connection would then hear
+        nothing until its pings declare it stale. The task is bounded by a guard longer than
+        that stale detection (a reconnect forgets pending PINGs), so it can end safely."""
+        if self._nc is None or not self._nc.is_connected:
+            raise BusUnavailable("bus not connected")
+        try:
+            await self._nc.publish(subject, payload)
+        except _NATS_ERRORS as exc:
+            raise _translate(exc) from None
+        s = self._settings
+        guard_s = max(timeout_s, s.nats_ping_interval_s * (s.nats_max_outstanding_pings + 2))
+        flush = asyncio.create_task(self._nc.flush(timeout=guard_s), name="nats-flush")
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flush_done)
+        done, _ = await asyncio.wait({flush}, timeout=timeout_s)
+        if not done:
+            raise BusTimeout(f"no flush round trip within {timeout_s:g}s")
+        failure = flush.exception()
+        if failure is not None:
+            raise _translate(failure) from None
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late failure is not worth a warning
+
     async def publish_durable(
         self, subject: str, payload: bytes, *, msg_id: str, timeout_s: float
-    ) -> None:
+    ) -> int:
         if self._js is None:
             raise BusUnavailable("bus not connected")
         try:
-            await self._js.publish(
+            ack = await self._js.publish(
                 subject, payload, timeout=timeout_s, headers={"Nats-Msg-Id": msg_id}
             )
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
+        seq: int = ack.seq
+        return seq
 
     async def subscribe(self, subject: str, handler: MessageHandler) -> BusSubscription:
         if self._nc is None:
@@ -231,8 +334,12 @@ class NatsBus:
         """Create the revocation bucket if missing, deliver its current keys, then watch it.
 
         Returns once the initial snapshot was delivered (bounded by ``snapshot_timeout_s``);
-        live updates keep arriving on a background task until ``close``.
+        live updates keep arriving on a background task until ``close``, across reconnects.
         """
+        self._revocation_handler = handler
+        await self._watch(handler, snapshot_timeout_s)
+
+    async def _watch(self, handler: RevocationHandler, snapshot_timeout_s: float) -> None:
         bucket = self._subjects.revocation_bucket
         try:
             try:
@@ -241,13 +348,13 @@ class NatsBus:
                 kv = await self._js.create_key_value(
                     KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
                 )
-            self._watcher = await kv.watchall()
+            watcher = self._watcher = await kv.watchall()
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
         snapshot_done = asyncio.get_running_loop().create_future()
 
         async def pump() -> None:
-            async for entry in self._watcher:
+            async for entry in watcher:
                 if entry is None:  # end of the initial snapshot
                     if not snapshot_done.done():
                         snapshot_done.set_result(None)
@@ -263,3 +370,42 @@ class NatsBus:
             await asyncio.wait_for(asyncio.shield(snapshot_done), snapshot_timeout_s)
         except TimeoutError:
             raise BusTimeout("revocation snapshot not received in time") from None
+
+    async def _stop_watch(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            # wait, not await: a cancel of the caller itself must not be swallowed here
+            await asyncio.wait([task], timeout=self._settings.publish_timeout_s)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await watcher.stop()
+
+    def _restart_revocation_watch(self) -> None:
+        """Called on every reconnect (see the module contract); a rewatch still running for an
+        earlier reconnect is replaced."""
+        if self._revocation_handler is None or self._closing:
+            return
+        if self._rewatch_task is not None:
+            self._rewatch_task.cancel()
+        self._rewatch_task = asyncio.create_task(
+            self._rewatch(self._revocation_handler), name="revocation-rewatch"
+        )
+
+    async def _rewatch(self, handler: RevocationHandler) -> None:
+        s = self._settings
+        delay = max(s.nats_reconnect_wait_s, 0.05)
+        # not cancellation alone: nats-py may turn a CancelledError into its own error
+        while not self._closing and self.connected:
+            await self._stop_watch()
+            try:
+                await self._watch(handler, s.revocation_snapshot_timeout_s)
+            except Exception as exc:
+                # BusError, or anything else nats-py raises mid-reconnect: the loop must go on
+                log.warning("revocation watch not restored; retrying: %s", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("revocation watch restored after a reconnect")
+            return

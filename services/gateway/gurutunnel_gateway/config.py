@@ -57,6 +57,10 @@ class GatewaySettings(BaseSettings):
     # lease and presence
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     lease_ttl_s: float = Field(default=6.0, gt=0)
+    """The lease lasts this long after the send of the last heartbeat NATS confirmed; past it
+    the gateway drops its agent sockets and takes a new boot id (the API closed its sessions)."""
+    heartbeat_timeout_s: float = Field(default=2.0, gt=0)
+    """Bound of one lease heartbeat (publish + flush); a slower one counts as not sent."""
     publish_timeout_s: float = Field(default=5.0, gt=0)
     presence_attempts: int = Field(default=5, gt=0)
     presence_retry_wait_s: float = Field(default=0.5, ge=0)
@@ -83,6 +87,15 @@ class GatewaySettings(BaseSettings):
     def _prefix_is_subject_safe(cls, value: str) -> str:
         Subjects(value)
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_beats(self) -> GatewaySettings:
+        if self.lease_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                "lease_ttl_s must exceed heartbeat_interval_s (else the lease runs out between "
+                "two heartbeats and the gateway keeps dropping its agents)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _public_key_given(self) -> GatewaySettings:

@@ -1,27 +1,43 @@
 """The gateway process: accept agent sockets (auth before upgrade), health, lease, drain.
 
 Contract:
-- ``GET /healthz``: 200 while the process serves. ``GET /readyz``: 200 when NATS is connected and
-  the gateway is not draining, else 503. ``GET /agent/v1/connect``: the credential
+- ``GET /healthz``: 200 while the process serves, 503 ``bus_unavailable`` once the NATS client
+  gave up reconnecting (``NatsBus.gave_up``: only with a finite reconnect budget).
+  ``GET /readyz``: 200 when NATS is connected and the gateway is not draining, else 503.
+  ``GET /metrics``: Prometheus exposition of ``GatewayMetrics`` (no credential: no id, token
+  or payload is ever in it).
+  ``GET /agent/v1/connect``: the credential
   (exactly one ``Authorization: Bearer`` header) is verified *before* the upgrade;
   missing/repeated/invalid -> 401, revoked ->
   403, draining or NATS down -> 503, all with ``{"error": {"code", "message"}}`` and no socket.
   Any other path -> 404.
-- Every ``heartbeat_interval_s`` a ``GatewayHeartbeat`` (the lease) goes to
-  ``Subjects.gateway_heartbeat()``; every ``sweep_interval_s`` expired pending requests are
-  answered ``CommandFailed{agent_timeout}``.
+- Lease (close path 2, docs/design.md "Gateway leases"): ``start`` publishes a first
+  ``GatewayHeartbeat`` on ``Subjects.gateway_heartbeat()`` before it listens, then one every
+  ``heartbeat_interval_s``, each publish + flush bounded by ``heartbeat_timeout_s``. This boot
+  holds its lease until ``lease_ttl_s`` after sending the last heartbeat NATS confirmed (never
+  later than the API can see it expire); readiness, hence every upgrade, requires it. When it
+  runs out (NATS down, or the process was paused and woke up: gaps of ``time.monotonic``), the
+  gateway assumes the API closed its sessions: ``check_lease`` closes every agent socket with
+  ``CloseCode.LEASE_LOST`` (``reconnect`` hint with jitter first), takes a new ``boot_id`` and
+  only then beats again, so it never serves a session the API closed.
+- Every ``sweep_interval_s`` expired pending requests are answered
+  ``CommandFailed{agent_timeout}``.
 - The revocation bucket is watched from before the first upgrade is accepted; an update closes
   the agent's live sockets with ``CloseCode.REVOKED``. A revocation that lands between the
   credential check and the hub registration is caught by a re-check right after registration.
+- ``gateway.control`` is subscribed from before the first upgrade too: a ``ConnectionTakeover``
+  notice goes to the hub, which closes a connection of that agent with a lower
+  ``presence.connected`` sequence (``CloseCode.REPLACED``; see ``connection.py``).
 - ``Gateway.stop`` (SIGTERM/SIGINT in ``main``) drains: readiness fails, new upgrades get 503,
   every agent gets ``reconnect{delay_ms: jittered}`` then close ``CloseCode.DRAINING``, the
-  disconnects are published, all bounded by ``drain_timeout_s``.
+  disconnects are published, all bounded by ``drain_timeout_s``; then the loops end and a last
+  ``draining`` heartbeat and the bus close follow, each bounded: ``stop`` never hangs on NATS.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -36,9 +52,14 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from gurutunnel_protocol import CloseCode, ErrorCode, Subjects, new_id
-from gurutunnel_protocol.envelope import encode
-from gurutunnel_protocol.messages import DisconnectReason, GatewayHeartbeat, Reconnect
+from gurutunnel_protocol import CloseCode, ErrorCode, ProtocolError, Subjects, new_id
+from gurutunnel_protocol.envelope import decode_control, encode
+from gurutunnel_protocol.messages import (
+    ConnectionTakeover,
+    DisconnectReason,
+    GatewayHeartbeat,
+    Reconnect,
+)
 
 from .auth import (
     AgentIdentity,
@@ -54,6 +75,7 @@ from .bus import BusError, NatsBus
 from .config import GatewaySettings
 from .connection import AgentConnection, ConnectionDeps
 from .hub import Hub
+from .metrics import GatewayMetrics
 
 log = logging.getLogger("gurutunnel_gateway")
 
@@ -84,17 +106,23 @@ class Gateway:
         self.gateway_id = settings.gateway_id
         self.boot_id = new_id()
         self.hub = Hub()
+        self.metrics = GatewayMetrics(self.hub)
         self.revocations = RevocationMap()
         self.verifier = CredentialVerifier(
             load_public_key(settings.public_key_pem()), self.revocations
         )
-        self.bus: NatsBus = bus or NatsBus(settings, self.subjects)
+        self.bus: NatsBus = bus or NatsBus(
+            settings, self.subjects, on_reconnected=self.metrics.nats_reconnected
+        )
         self.draining = False
         self._identities: weakref.WeakKeyDictionary[ServerConnection, AgentIdentity] = (
             weakref.WeakKeyDictionary()
         )
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._lease_until: float | None = None
+        """``time.monotonic()`` when this boot's lease runs out; None: no lease (yet)."""
+        self._stopping = False
         self._deps = ConnectionDeps(
             settings=settings,
             subjects=self.subjects,
@@ -102,6 +130,7 @@ class Gateway:
             hub=self.hub,
             gateway_id=self.gateway_id,
             boot_id=self.boot_id,
+            metrics=self.metrics,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -115,7 +144,12 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.bus.connected and not self.draining
+        return self.bus.connected and not self.draining and self.lease_held
+
+    @property
+    def lease_held(self) -> bool:
+        """This boot's lease is live (a confirmed heartbeat less than ``lease_ttl_s`` ago)."""
+        return self._lease_until is not None and time.monotonic() < self._lease_until
 
     async def start(self) -> None:
         """Connect the bus, load revocations, then listen. Raises ``BusError`` if NATS fails."""
@@ -125,6 +159,10 @@ class Gateway:
         await self.bus.watch_revocations(
             self._on_revocation, snapshot_timeout_s=s.revocation_snapshot_timeout_s
         )
+        # before the first upgrade: a connection accepted here must hear every later notice
+        await self.bus.subscribe(self.subjects.gateway_control(), self._on_control)
+        # the lease first: readiness needs it, and the API knows this boot before any agent
+        await self._beat_once()
         self._server = await serve(
             self._handle,
             s.host,
@@ -165,16 +203,30 @@ class Gateway:
             except TimeoutError:
                 log.error("drain timed out; exiting with connections still open")
             self._server = None
-        # one last lease beat says "draining" so the API stops routing here at once
-        with contextlib.suppress(BusError):
-            await self._beat()
-        for task in self._tasks:
+        await self._end_loops()
+        if self.bus.connected:
+            # one last lease beat says "draining" so the API stops routing here at once (bounded)
+            await self._beat_once()
+        try:
+            await asyncio.wait_for(self.bus.close(), s.publish_timeout_s + s.close_timeout_s)
+        except Exception as exc:
+            # nats-py may turn the timeout's cancel into its own error: either way, go on
+            log.error("bus close did not finish: %s", type(exc).__name__)
+
+    async def _end_loops(self) -> None:
+        """Cancel the background loops and wait for them, at most ``close_timeout_s``."""
+        self._stopping = True  # a loop whose cancel was swallowed still ends (see _lease_loop)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        await self.bus.close()
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=self.settings.close_timeout_s)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background loop failed: %r", task.exception())
+        if pending:
+            log.error("background loops still running after cancel; stop goes on")
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -190,7 +242,23 @@ class Gateway:
     ) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
+            if self.bus.gave_up:
+                # readiness alone only takes the pod out of the Service: let liveness restart it
+                return _error(
+                    connection,
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    ErrorCode.BUS_UNAVAILABLE,
+                    "NATS connection closed for good (reconnect budget spent); restart me",
+                )
             return _json_response(connection, HTTPStatus.OK, {"status": "alive"})
+        if path == "/metrics":
+            # no credential: ids never reach a label (see metrics.py); bind to the pod network
+            accept = ",".join(request.headers.get_all("Accept"))
+            body, content_type = self.metrics.render(accept)
+            response = connection.respond(HTTPStatus.OK, body.decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = content_type
+            return response
         if path == "/readyz":
             if self.ready:
                 return _json_response(connection, HTTPStatus.OK, {"status": "ready"})
@@ -201,6 +269,7 @@ class Gateway:
         if path != CONNECT_PATH:
             return _error(connection, HTTPStatus.NOT_FOUND, ErrorCode.NOT_FOUND, "no such path")
         if not self.ready:
+            self.metrics.upgrade_refused(HTTPStatus.SERVICE_UNAVAILABLE)
             return _error(
                 connection,
                 HTTPStatus.SERVICE_UNAVAILABLE,
@@ -218,8 +287,10 @@ class Gateway:
                 "agent refused at upgrade",
                 extra={"status": exc.status, "code": exc.code.value, "reason": exc.message},
             )
+            self.metrics.upgrade_refused(exc.status)
             return _error(connection, HTTPStatus(exc.status), exc.code, exc.message)
         self._identities[connection] = identity
+        self.metrics.upgrade_accepted()
         return None  # proceed with the upgrade
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -252,6 +323,19 @@ class Gateway:
     def _drain_delay_ms(self) -> int:
         return int(random.uniform(0, self.settings.reconnect_jitter_max_s) * 1000)
 
+    async def _on_control(self, payload: bytes, reply: str | None) -> None:
+        """``gateway.control``: takeover notices (revocations come from the KV bucket)."""
+        try:
+            message = decode_control(payload, self.settings.max_frame_bytes)
+        except ProtocolError as exc:
+            log.warning("control message refused: %s", exc.message, extra={"code": exc.code})
+            return
+        if isinstance(message, ConnectionTakeover) and self.hub.takeover(message):
+            log.info(
+                "agent taken over by a newer connection",
+                extra={"agent_id": message.agent_id, "conn_id": message.conn_id},
+            )
+
     # ------------------------------------------------------------------ background
 
     def _on_revocation(self, agent_id: str, value: bytes | None) -> None:
@@ -263,24 +347,88 @@ class Gateway:
         closed = self.hub.revoke(agent_id, not_before)
         log.info("agent revoked", extra={"agent_id": agent_id, "closed_connections": closed})
 
-    async def _beat(self) -> None:
+    async def _beat_once(self) -> bool:
+        """Publish one lease heartbeat and wait until NATS has it (``heartbeat_timeout_s``).
+
+        Confirmed, this boot holds its lease until ``lease_ttl_s`` after the *send*: the API
+        cannot have renewed it earlier. False (logged) when it was not confirmed."""
+        s = self.settings
+        boot_id, sent_at = self.boot_id, time.monotonic()
         beat = GatewayHeartbeat(
             gateway_id=self.gateway_id,
-            boot_id=self.boot_id,
+            boot_id=boot_id,
             at=datetime.now(UTC),
             agents=self.hub.agent_count,
             draining=self.draining,
-            lease_ttl_s=self.settings.lease_ttl_s,
+            lease_ttl_s=s.lease_ttl_s,
         )
-        await self.bus.publish(self.subjects.gateway_heartbeat(), encode(beat))
+        try:
+            # wait_for on top of the flush timeout: the publish itself may wait on a full buffer
+            await asyncio.wait_for(
+                self.bus.publish_flushed(
+                    self.subjects.gateway_heartbeat(),
+                    encode(beat),
+                    timeout_s=s.heartbeat_timeout_s,
+                ),
+                s.heartbeat_timeout_s,
+            )
+        except Exception as exc:
+            # BusError, the timeout, or a client bug: the lease loop must go on either way
+            log.warning("gateway heartbeat not confirmed: %s", str(exc) or type(exc).__name__)
+            return False
+        if self.boot_id == boot_id:  # not fenced meanwhile: a lost boot's beat renews nothing
+            self._lease_until = sent_at + s.lease_ttl_s
+        return True
+
+    def check_lease(self, now: float | None = None) -> bool:
+        """Fence this gateway if its lease ran out by ``now`` (``time.monotonic()`` when None):
+        close every agent socket ``LEASE_LOST`` and take a new boot id. Whether it fenced."""
+        now = time.monotonic() if now is None else now
+        if self._lease_until is None or now < self._lease_until:
+            return False
+        lost_boot, overdue_s = self.boot_id, now - self._lease_until
+        self.boot_id = new_id()
+        self._lease_until = None
+        # connections accepted from now on are stamped with the new boot
+        self._deps = dataclasses.replace(self._deps, boot_id=self.boot_id)
+        closed = 0
+        for conn in self.hub.live():
+            conn.close(
+                CloseCode.LEASE_LOST,
+                DisconnectReason.LEASE_LOST,
+                "gateway lease lost",
+                final=Reconnect(delay_ms=self._drain_delay_ms(), reason="lease_lost"),
+            )
+            closed += 1
+        self.metrics.lease_lost()
+        log.error(
+            "lease lost %.1f s ago (no confirmed heartbeat); agent sockets closed, new boot %s",
+            overdue_s,
+            self.boot_id,
+            extra={"gateway_id": self.gateway_id, "boot_id": lost_boot, "count": closed},
+        )
+        return True
+
+    def _loops_stopping(self) -> bool:
+        # not cancellation alone: nats-py may turn a CancelledError into its own error, and
+        # wait_for can swallow a cancel on Python 3.11
+        task = asyncio.current_task()
+        return self._stopping or (task is not None and task.cancelling() > 0)
 
     async def _lease_loop(self) -> None:
-        while True:
-            try:
-                await self._beat()
-            except BusError as exc:
-                log.warning("gateway heartbeat not published: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+        """Beat every ``heartbeat_interval_s``; wake at the lease's end too, to fence in time."""
+        s = self.settings
+        next_beat = time.monotonic() + s.heartbeat_interval_s  # start() sent the first beat
+        while not self._loops_stopping():
+            now = time.monotonic()
+            if self.check_lease(now):
+                next_beat = now  # the new boot beats at once
+            if now >= next_beat:
+                next_beat = now + s.heartbeat_interval_s
+                await self._beat_once()
+                continue  # a beat may take a while: look at the lease again first
+            wake = next_beat if self._lease_until is None else min(next_beat, self._lease_until)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
     async def _sweep_loop(self) -> None:
         while True:

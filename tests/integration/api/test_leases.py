@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -163,6 +164,17 @@ CLOSED_BY_LEASE = [
 ]
 
 
+async def leases_lost_metric(api: Api) -> float:
+    """``gurutunnel_api_gateway_leases_lost_total`` as /metrics shows it."""
+    resp = await api.client.get("/metrics")
+    assert resp.status_code == 200
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            if sample.name == "gurutunnel_api_gateway_leases_lost_total":
+                return float(sample.value)
+    raise AssertionError("no gurutunnel_api_gateway_leases_lost_total in /metrics")
+
+
 async def test_session_of_a_gateway_that_stops_beating_closes_gateway_lost_once(
     api: Api,
     users: Users,
@@ -200,6 +212,7 @@ async def test_session_of_a_gateway_that_stops_beating_closes_gateway_lost_once(
         assert lease is not None
         assert (lease.lost_boot_id, lease.boot_id) == (gateway.boot_id, gateway.boot_id)
         assert lease.lost_at is not None
+        assert await leases_lost_metric(api) == 1.0
 
         async def told() -> bool:
             return any(c.session_id == opened["id"] for c in gateway.closes())

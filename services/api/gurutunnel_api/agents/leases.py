@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -85,8 +86,10 @@ class LeaseReaper:
         bus: Bus,
         settings: ApiSettings,
         started_at: datetime | None = None,
+        on_lease_lost: Callable[[], None] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._on_lease_lost = on_lease_lost
         self._bus = bus
         self._settings = settings
         self.started_at = started_at or utcnow()
@@ -128,7 +131,8 @@ class LeaseReaper:
                 key=self.expires_at,
             )[: self._settings.lease_reap_batch]
             for lease in expired:
-                await self._mark_lost(db, lease, now)
+                if await self._mark_lost(db, lease, now) and self._on_lease_lost is not None:
+                    self._on_lease_lost()
             if expired:
                 leases = await self._leases(db, bound)
             return await self._close_sessions(db, self._dead(bound, leases, now))
@@ -267,10 +271,16 @@ class LeaseReaper:
 
 
 async def run_lease_reaper(
-    sessionmaker: async_sessionmaker[AsyncSession], *, bus: Bus, settings: ApiSettings
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    bus: Bus,
+    settings: ApiSettings,
+    on_lease_lost: Callable[[], None] | None = None,
 ) -> None:
-    """Reap every ``lease_reap_interval_s`` until cancelled; started after the bus subscribed."""
-    reaper = LeaseReaper(sessionmaker, bus=bus, settings=settings)
+    """Reap every ``lease_reap_interval_s`` until cancelled; started after the bus subscribed.
+
+    ``on_lease_lost`` is called once for each lease this replica marked lost (a metric)."""
+    reaper = LeaseReaper(sessionmaker, bus=bus, settings=settings, on_lease_lost=on_lease_lost)
     # a round: a few bounded reads, then at most ``lease_reap_batch`` leases and sessions
     bound_s = settings.request_timeout_s * (4 + 3 * settings.lease_reap_batch)
     task = asyncio.current_task()

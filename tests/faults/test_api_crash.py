@@ -181,6 +181,10 @@ async def _ignore(*_: object) -> None:
     return None
 
 
+async def _renewed(*_: object) -> bool:
+    return True
+
+
 async def test_a_restarted_api_applies_its_ack_wait_to_the_existing_presence_consumer(
     nats_url: str, subject_prefix: str
 ) -> None:
@@ -197,7 +201,7 @@ async def test_a_restarted_api_applies_its_ack_wait_to_the_existing_presence_con
     for ack_wait_s in (30.0, 2.5):
         bus = NatsBus(
             settings.model_copy(update={"presence_ack_wait_s": ack_wait_s}),
-            BusHandlers(_ignore, _ignore, _ignore),
+            BusHandlers(_ignore, _ignore, _renewed),
         )
         try:
             await bus.start()

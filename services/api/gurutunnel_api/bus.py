@@ -110,6 +110,7 @@ from gurutunnel_protocol.messages import (
     FileDownload,
     FileUpload,
     GatewayHeartbeat,
+    GatewayLeaseLost,
     PresenceEvent,
     SessionUp,
     ShellOpen,
@@ -337,7 +338,9 @@ class BusHandlers:
     on_presence: Callable[[PresenceEvent, int], Awaitable[None]]
     """Called with the event and its JetStream stream sequence."""
     on_agent_heartbeat: Callable[[AgentHeartbeat], Awaitable[None]]
-    on_gateway_heartbeat: Callable[[GatewayHeartbeat], Awaitable[None]]
+    on_gateway_heartbeat: Callable[[GatewayHeartbeat], Awaitable[bool]]
+    """True when the lease was renewed; False when the heartbeat's boot was declared lost, and
+    the bus then tells that gateway (``GatewayLeaseLost`` on ``gateway.control``)."""
 
 
 class Bus(Protocol):
@@ -759,11 +762,20 @@ class NatsBus:
 
     async def _on_gateway_heartbeat(self, msg: Msg) -> None:
         try:
-            await self._handlers.on_gateway_heartbeat(decode_gateway_heartbeat(msg.data))
+            heartbeat = decode_gateway_heartbeat(msg.data)
+            renewed = await self._handlers.on_gateway_heartbeat(heartbeat)
         except ProtocolError as exc:
             log.warning("gateway heartbeat refused", extra={"code": exc.code, "error": exc.message})
+            return
         except Exception:
             log.exception("gateway heartbeat handler failed")
+            return
+        if not renewed and self._nc is not None and self._nc.is_connected:
+            # the gateway has not noticed it lost its lease: make it fence itself now, or it
+            # would keep serving sockets whose sessions this API already closed
+            notice = GatewayLeaseLost(gateway_id=heartbeat.gateway_id, boot_id=heartbeat.boot_id)
+            with contextlib.suppress(nats.errors.Error):
+                await self._nc.publish(self.subjects.gateway_control(), encode(notice))
 
     # connection callbacks (logging only: readiness reads ``connected``)
 

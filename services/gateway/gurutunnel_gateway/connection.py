@@ -248,6 +248,11 @@ class AgentConnection:
         }
 
     @property
+    def boot_id(self) -> str:
+        """The gateway boot this connection was accepted under (stamped on its events)."""
+        return self._deps.boot_id
+
+    @property
     def closing(self) -> bool:
         return self._close is not None or self._ended
 

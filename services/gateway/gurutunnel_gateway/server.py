@@ -37,6 +37,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,6 +59,7 @@ from gurutunnel_protocol.messages import (
     ConnectionTakeover,
     DisconnectReason,
     GatewayHeartbeat,
+    GatewayLeaseLost,
     Reconnect,
 )
 
@@ -121,6 +123,7 @@ class Gateway:
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_until: float | None = None
+        self._beat_now = asyncio.Event()
         """``time.monotonic()`` when this boot's lease runs out; None: no lease (yet)."""
         self._stopping = False
         self._deps = ConnectionDeps(
@@ -311,6 +314,15 @@ class Gateway:
             # revoked between verify() and registration: hub.revoke() did not see it
             log.info("agent revoked while connecting", extra={"agent_id": conn.agent_id})
             conn.close(CloseCode.REVOKED, DisconnectReason.REVOKED, "agent revoked")
+        elif conn.boot_id != self.boot_id or not self.lease_held:
+            # the lease ran out (or was fenced) while this connection was subscribing:
+            # _fence did not see it, and it must not serve sessions under a lost boot
+            conn.close(
+                CloseCode.LEASE_LOST,
+                DisconnectReason.LEASE_LOST,
+                "gateway lease lost",
+                final=Reconnect(delay_ms=self._drain_delay_ms(), reason="lease_lost"),
+            )
         elif self.draining:
             # stop() began while this connection subscribed: hub.live() did not list it
             conn.close(
@@ -329,6 +341,10 @@ class Gateway:
             message = decode_control(payload, self.settings.max_frame_bytes)
         except ProtocolError as exc:
             log.warning("control message refused: %s", exc.message, extra={"code": exc.code})
+            return
+        if isinstance(message, GatewayLeaseLost):
+            if (message.gateway_id, message.boot_id) == (self.gateway_id, self.boot_id):
+                self._fence("an API declared this boot's lease lost")
             return
         if isinstance(message, ConnectionTakeover) and self.hub.takeover(message):
             log.info(
@@ -376,7 +392,11 @@ class Gateway:
             # BusError, the timeout, or a client bug: the lease loop must go on either way
             log.warning("gateway heartbeat not confirmed: %s", str(exc) or type(exc).__name__)
             return False
-        if self.boot_id == boot_id:  # not fenced meanwhile: a lost boot's beat renews nothing
+        # not fenced meanwhile (a lost boot's beat renews nothing), and confirmed while the lease
+        # still held: a confirmation that comes after the end may have reached the API after its
+        # reaper judged the lease, so it renews nothing and the lease loop fences instead
+        held = self._lease_until is None or time.monotonic() < self._lease_until
+        if self.boot_id == boot_id and held:
             self._lease_until = sent_at + s.lease_ttl_s
         return True
 
@@ -386,7 +406,13 @@ class Gateway:
         now = time.monotonic() if now is None else now
         if self._lease_until is None or now < self._lease_until:
             return False
-        lost_boot, overdue_s = self.boot_id, now - self._lease_until
+        self._fence(f"lease ran out {now - self._lease_until:.1f} s ago (no confirmed heartbeat)")
+        return True
+
+    def _fence(self, why: str) -> None:
+        """Drop the current boot: close every agent socket ``LEASE_LOST``, take a new boot id
+        (its first confirmed heartbeat starts a fresh lease) and beat at once."""
+        lost_boot = self.boot_id
         self.boot_id = new_id()
         self._lease_until = None
         # connections accepted from now on are stamped with the new boot
@@ -401,13 +427,13 @@ class Gateway:
             )
             closed += 1
         self.metrics.lease_lost()
+        self._beat_now.set()
         log.error(
-            "lease lost %.1f s ago (no confirmed heartbeat); agent sockets closed, new boot %s",
-            overdue_s,
+            "lease lost: %s; agent sockets closed, new boot %s",
+            why,
             self.boot_id,
             extra={"gateway_id": self.gateway_id, "boot_id": lost_boot, "count": closed},
         )
-        return True
 
     def _loops_stopping(self) -> bool:
         # not cancellation alone: nats-py may turn a CancelledError into its own error, and
@@ -428,12 +454,22 @@ class Gateway:
                 await self._beat_once()
                 continue  # a beat may take a while: look at the lease again first
             wake = next_beat if self._lease_until is None else min(next_beat, self._lease_until)
-            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                # a fence ordered from outside (``GatewayLeaseLost``) beats the new boot at once
+                await asyncio.wait_for(self._beat_now.wait(), max(0.0, wake - time.monotonic()))
+            if self._beat_now.is_set():
+                self._beat_now.clear()
+                next_beat = time.monotonic()
 
     async def _sweep_loop(self) -> None:
-        while True:
+        while not self._loops_stopping():
             await asyncio.sleep(self.settings.sweep_interval_s)
-            expired = await self.hub.sweep(time.monotonic())
+            try:
+                expired = await self.hub.sweep(time.monotonic())
+            except Exception:
+                # one failed sweep must not end them: unanswered requests would wait forever
+                log.exception("pending-request sweep failed")
+                continue
             if expired:
                 log.info("expired pending requests answered", extra={"count": expired})
 

@@ -23,6 +23,10 @@ async def _ignore(*_: object) -> None:
     return None
 
 
+async def _renewed(*_: object) -> bool:
+    return True
+
+
 def fast_checks(settings: ApiSettings) -> ApiSettings:
     return settings.model_copy(
         update={
@@ -104,7 +108,7 @@ async def test_bus_start_raises_only_bus_unavailable_when_the_consumer_cannot_be
     await js.add_stream(
         StreamConfig(name=subjects.presence_stream, subjects=[f"{subject_prefix}.elsewhere"])
     )
-    bus = NatsBus(api_settings, BusHandlers(_ignore, _ignore, _ignore))
+    bus = NatsBus(api_settings, BusHandlers(_ignore, _ignore, _renewed))
     try:
         with pytest.raises(BusUnavailable):
             await bus.start()
@@ -123,7 +127,7 @@ async def test_presence_consumer_ends_when_cancelled_as_its_connection_closes(
     settings = api_settings.model_copy(
         update={"presence_fetch_timeout_s": 30.0, "presence_resubscribe_backoff_max_s": 0.05}
     )
-    bus = NatsBus(settings, BusHandlers(_ignore, _ignore, _ignore))
+    bus = NatsBus(settings, BusHandlers(_ignore, _ignore, _renewed))
     await bus.start()
     consumer = bus._consumer
     assert consumer is not None

@@ -23,11 +23,16 @@ from websockets.exceptions import ConnectionClosed
 
 from gurutunnel_gateway.server import Gateway
 from gurutunnel_protocol import CloseCode, Subjects, new_id
-from gurutunnel_protocol.envelope import decode_gateway_heartbeat, decode_server_to_agent
+from gurutunnel_protocol.envelope import (
+    decode_gateway_heartbeat,
+    decode_server_to_agent,
+    encode,
+)
 from gurutunnel_protocol.messages import (
     AgentConnected,
     AgentDisconnected,
     DisconnectReason,
+    GatewayLeaseLost,
     Reconnect,
     ServerToAgent,
     Welcome,
@@ -126,6 +131,37 @@ async def test_lease_run_out_closes_agent_sockets_4002_and_takes_a_new_boot(
             nc, subjects, agent_id, event_type="presence.connected", conn_id=again.conn_id
         )
         assert isinstance(event, AgentConnected) and event.boot_id == gateway.boot_id
+    await beats.unsubscribe()
+
+
+async def test_lease_lost_notice_for_its_boot_fences_the_gateway_and_others_are_ignored(
+    start_gateway: StartGateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """A ``GatewayLeaseLost`` naming another gateway or an older boot changes nothing; one
+    naming this gateway's current boot closes the agent 4002 and the new boot beats at once."""
+    gateway = await start_gateway(lease_ttl_s=30.0, heartbeat_interval_s=10.0)
+    beats = await nc.subscribe(subjects.gateway_heartbeat())
+    credential = mint_agent_credential(agent_key[0], new_id())
+    boot = gateway.boot_id
+    async with agent_socket(gateway.port, credential) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        for gateway_id, boot_id in ((new_id(), boot), (gateway.gateway_id, new_id())):
+            notice = GatewayLeaseLost(gateway_id=gateway_id, boot_id=boot_id)
+            await nc.publish(subjects.gateway_control(), encode(notice))
+        await nc.flush()
+        await asyncio.sleep(0.3)  # the notices are handled in order with the next one
+        assert gateway.boot_id == boot
+        ordered = time.monotonic()
+        own = GatewayLeaseLost(gateway_id=gateway.gateway_id, boot_id=boot)
+        await nc.publish(subjects.gateway_control(), encode(own))
+        frames, code = await until_closed(ws)
+    assert code == CloseCode.LEASE_LOST
+    assert [type(f) for f in frames] == [Reconnect]
+    assert gateway.boot_id != boot
+    # far sooner than the 10 s heartbeat interval: the new boot beats at once
+    await next_beat_of(beats, gateway.boot_id)
+    assert time.monotonic() - ordered < 5.0
+    await wait_readyz(gateway.port, 200)
     await beats.unsubscribe()
 
 

@@ -175,7 +175,24 @@ class ConnectionTakeover(GatewayStamp):
     at: datetime
 
 
-ControlMessage = Annotated[AgentRevoked | ConnectionTakeover, Field(discriminator="type")]
+class GatewayLeaseLost(Frame):
+    """api -> gateways (``gateway.control``): the lease of this gateway boot was declared lost.
+
+    An API sends it when a heartbeat arrives from a boot whose lease it already declared lost
+    (the gateway did not notice: a pause shorter than its own check, a database outage on the
+    API's side). The gateway whose current boot it names fences itself as if it had found the
+    lease lost on its own: every agent socket closes ``CloseCode.LEASE_LOST`` and a new boot
+    starts a fresh lease. Other gateways ignore it.
+    """
+
+    type: Literal["control.lease_lost"] = "control.lease_lost"
+    gateway_id: Id
+    boot_id: Id
+
+
+ControlMessage = Annotated[
+    AgentRevoked | ConnectionTakeover | GatewayLeaseLost, Field(discriminator="type")
+]
 
 __all__ = [
     "AgentConnected",
@@ -189,6 +206,7 @@ __all__ = [
     "ControlMessage",
     "DisconnectReason",
     "GatewayHeartbeat",
+    "GatewayLeaseLost",
     "GatewayStamp",
     "PresenceEvent",
     "SessionFrame",

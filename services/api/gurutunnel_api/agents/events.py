@@ -44,16 +44,17 @@ async def handle_agent_heartbeat(
 
 async def handle_gateway_heartbeat(
     sessionmaker: async_sessionmaker[AsyncSession], heartbeat: GatewayHeartbeat
-) -> None:
-    """Renew the gateway's lease, unless the heartbeat's boot was declared lost (logged)."""
+) -> bool:
+    """Renew the gateway's lease; False (logged) when the heartbeat's boot was declared lost."""
     async with sessionmaker() as db, db.begin():
         renewed = await renew_lease(db, heartbeat)
     if not renewed:
         log.warning(
-            "heartbeat of lost gateway boot %s ignored",
+            "heartbeat of lost gateway boot %s ignored; telling the gateway to fence itself",
             heartbeat.boot_id,
             extra={"gateway_id": heartbeat.gateway_id},
         )
+    return renewed
 
 
 async def renew_lease(db: AsyncSession, heartbeat: GatewayHeartbeat) -> bool:

@@ -3,15 +3,19 @@
 Contract (docs/design.md "Gateway leases"):
 - The lease of a gateway's ``boot_id`` is live until ``renewed_at + lease_ttl_s``, where
   ``renewed_at`` is when an API handled its last heartbeat (see :mod:`.events`). A lease renewed
-  before this process listened is judged from then instead (heartbeats sent while no API
-  listened were lost, not missed): it expires at ``max(renewed_at, listening_since) +
-  lease_ttl_s``, where ``listening_since`` is the reaper's start, or the first round after this
-  API's NATS connection came back. While that connection is down no round judges anything: an
-  API cut off from NATS must not close the sessions of gateways that beat on.
+  before this process started is judged from its start instead (heartbeats sent while no API
+  listened were lost, not missed): it expires at ``max(renewed_at, started_at) + lease_ttl_s``.
   The same holds after a round failed because the database did not answer: heartbeats handled
   meanwhile could not be recorded (lost, not missed), so the next round moves ``started_at``
   to its own start and every gateway gets a whole TTL to beat again (a database outage longer
   than the TTL must not declare healthy gateways lost).
+  A round runs whether or not this API's own NATS connection is up: ``renewed_at`` is shared
+  through the database, so while other replicas hear the heartbeats nothing expires, and with
+  every API cut off from the bus no session can carry data anyway (the gateways, cut off too,
+  fence themselves after the same TTL). A gateway wrongly declared lost (an API-only partition,
+  a pause) hears of it from its next heartbeat: the API answers a heartbeat of a lost boot with
+  ``GatewayLeaseLost`` on ``gateway.control`` and the gateway fences itself (closes its agent
+  sockets 4002, takes a new boot), so no socket keeps serving a session the API closed.
 - Every ``lease_reap_interval_s`` one round (:meth:`LeaseReaper.reap`):
   1. marks each expired live lease lost (``lost_boot_id = boot_id``, ``lost_at``) with one
      conditional UPDATE (the boot and ``renewed_at`` it read, not lost yet): a heartbeat handled
@@ -93,32 +97,17 @@ class LeaseReaper:
         self._bus = bus
         self._settings = settings
         self.started_at = started_at or utcnow()
-        self.listening_since: datetime | None = self.started_at
-        """Since when heartbeats can reach this API (None: its bus is disconnected)."""
         # gateways referenced by open sessions without a lease row: since when this reaper knows
         self._unknown_since: dict[str, datetime] = {}
 
     def expires_at(self, lease: GatewayLease) -> datetime:
         """When ``lease`` expires unless renewed (see the module contract)."""
-        since = self.listening_since or self.started_at
+        since = self.started_at
         return max(lease.renewed_at, since) + timedelta(seconds=lease.lease_ttl_s)
-
-    def _listening(self, now: datetime) -> bool:
-        if not self._bus.connected:
-            if self.listening_since is not None:
-                log.warning("lease reaper paused: NATS disconnected, heartbeats cannot arrive")
-            self.listening_since = None
-            return False
-        if self.listening_since is None:
-            self.listening_since = now
-            self._unknown_since.clear()
-        return True
 
     async def reap(self, now: datetime | None = None) -> int:
         """One round (see the module contract); how many sessions it closed."""
         now = now or utcnow()
-        if not self._listening(now):
-            return 0
         async with self._sessionmaker() as db:
             bound = await self._gateways_with_open_sessions(db)
             leases = await self._leases(db, bound)
@@ -158,7 +147,8 @@ class LeaseReaper:
             return {row.gateway_id: row for row in rows}
 
     async def _mark_lost(self, db: AsyncSession, lease: GatewayLease, now: datetime) -> bool:
-        """Declare ``lease``'s boot lost unless it was renewed (or declared lost) meanwhile."""
+        """Declare ``lease``'s boot lost unless it was renewed (or declared lost) meanwhile;
+        True when that was a loss (not the end of a drained gateway, which counts as none)."""
         gateway_id, boot_id, renewed_at = lease.gateway_id, lease.boot_id, lease.renewed_at
         async with db.begin():
             marked = cast(
@@ -194,6 +184,14 @@ class LeaseReaper:
                     .execution_options(synchronize_session=False)
                 ),
             )
+        if lease.draining:
+            # its last beat said it was draining: a gateway that stopped, not one that was lost
+            log.info(
+                "lease of drained gateway boot %s ended",
+                boot_id,
+                extra={"gateway_id": gateway_id, "count": offline.rowcount},
+            )
+            return False
         log.warning(
             "gateway lease lost: boot %s not renewed for %.1f s (ttl %.1f s)",
             boot_id,
@@ -289,7 +287,8 @@ async def run_lease_reaper(
     while task is None or task.cancelling() == 0:
         await asyncio.sleep(settings.lease_reap_interval_s)
         if database_was_down:
-            reaper.started_at = utcnow()  # see the module contract
+            # see the module contract: every gateway gets a whole TTL from the database's return
+            reaper.started_at = utcnow()
         try:
             closed = await asyncio.wait_for(reaper.reap(), bound_s)
         except Exception as exc:

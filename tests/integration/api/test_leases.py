@@ -273,6 +273,9 @@ async def test_late_heartbeat_of_lost_boot_revives_nothing_and_new_boot_gets_a_l
         try:
             fresh = await wait_leased(api, gateway.gateway_id, reborn.boot_id)
             assert fresh.lost_boot_id == gateway.boot_id
+            # and the agent reconnected through the new boot
+            gateway.boot_id, gateway.conn_id = reborn.boot_id, new_id()
+            await presence.send(gateway.connected())
             again = await open_session(api, users, agent)
             started = time.monotonic()
 
@@ -462,3 +465,46 @@ async def test_first_heartbeats_of_a_gateway_on_two_replicas_both_succeed(
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_gateway_restarted_under_its_id_closes_the_old_boots_sessions_only(
+    api: Api,
+    users: Users,
+    agent: EnrolledAgent,
+    gateway: FakeGateway,
+    presence: Presence,
+    nc: NatsClient,
+) -> None:
+    """A gateway killed and restarted under the same id within its TTL (compose's restart,
+    a container restart in the same pod): its lease never expires, yet the sessions of the old
+    boot's connections close gateway_lost once the new boot beats, while a session on a
+    connection of the new boot stays active beyond the TTL."""
+    beats = Beater(nc, gateway.subjects, gateway.gateway_id, boot_id=gateway.boot_id)
+    beats.start()
+    reborn = Beater(nc, gateway.subjects, gateway.gateway_id)
+    try:
+        await wait_leased(api, gateway.gateway_id, gateway.boot_id)
+        await presence.send(gateway.connected())
+        opened = await open_session(api, users, agent)
+        await beats.stop()
+        reborn.start()  # at once: the old boot's lease never runs out
+        await wait_closed(api, users, opened["id"], timeout_s=TTL_S + REAP_S + 1.0)
+        assert await session_state(api, users, opened["id"]) == ("closed", "gateway_lost")
+        lease = await lease_of(api, gateway.gateway_id)
+        assert lease is not None
+        assert (lease.boot_id, lease.lost_boot_id) == (reborn.boot_id, gateway.boot_id)
+
+        # the agent reconnects through the new boot: its new session is not touched
+        gateway.boot_id, gateway.conn_id = reborn.boot_id, new_id()
+        await presence.send(gateway.connected())
+        again = await open_session(api, users, agent)
+        started = time.monotonic()
+
+        async def outlived_ttl() -> bool:
+            return time.monotonic() - started > TTL_S + 3 * REAP_S
+
+        await wait_until(outlived_ttl, what="more than one TTL")
+        assert await session_state(api, users, again["id"]) == ("active", None)
+    finally:
+        await beats.stop()
+        await reborn.stop()

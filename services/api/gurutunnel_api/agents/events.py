@@ -9,7 +9,11 @@ handling the first heartbeats of a gateway at once never raise. ``renewed_at`` i
 clock when the heartbeat is handled (clock skew between machines can neither expire nor extend a
 lease); the gateway's ``at`` is kept as ``last_seen_at`` for information only. A heartbeat of the
 boot the lease reaper declared lost (``lost_boot_id``) changes nothing: that boot's sessions
-stay closed and its lease stays lost; a heartbeat of any other boot starts a fresh lease.
+stay closed and its lease stays lost, and the handler returns False so that the bus tells the
+gateway to fence itself (``GatewayLeaseLost``); a heartbeat of any other boot starts a fresh
+lease. When that boot differs from the row's, the row's boot has ended (its process restarted
+under the same gateway id): the same statement records it in ``lost_boot_id``, and the lease
+reaper closes the sessions of its connections.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_
+from sqlalchemy import CursorResult, case, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -71,9 +75,21 @@ async def renew_lease(db: AsyncSession, heartbeat: GatewayHeartbeat) -> bool:
     dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(GatewayLease).values(**values)
+    changed_boot = col(GatewayLease.boot_id) != stmt.excluded.boot_id
     stmt = stmt.on_conflict_do_update(
         index_elements=[col(GatewayLease.gateway_id)],
-        set_={name: stmt.excluded[name] for name in values if name != "gateway_id"},
+        set_={
+            **{name: stmt.excluded[name] for name in values if name != "gateway_id"},
+            # a new boot of the same gateway id means the old process is gone (a restart
+            # within its TTL never expires its lease): the old boot ends here, and the
+            # reaper closes the sessions of its connections
+            "lost_boot_id": case(
+                (changed_boot, col(GatewayLease.boot_id)), else_=col(GatewayLease.lost_boot_id)
+            ),
+            "lost_at": case(
+                (changed_boot, stmt.excluded.renewed_at), else_=col(GatewayLease.lost_at)
+            ),
+        },
         where=or_(
             col(GatewayLease.lost_boot_id).is_(None),
             col(GatewayLease.lost_boot_id) != stmt.excluded.boot_id,

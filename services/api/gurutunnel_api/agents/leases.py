@@ -42,10 +42,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, exists, or_, select, update
+from sqlalchemy import CursorResult, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
@@ -78,6 +79,16 @@ def _live_sql() -> ColumnElement[bool]:
 
 def _open_sql() -> ColumnElement[bool]:
     return col(TechSession.state).in_([s.value for s in OPEN_STATES])
+
+
+@dataclass(frozen=True, slots=True)
+class _Dead:
+    """Sessions on a gateway that must close: all of them, or those of one ended boot."""
+
+    boot_id: str | None
+    """The lost or ended boot (None: a gateway never seen)."""
+    only_that_boot: bool
+    """Only sessions bound to connections of ``boot_id`` (a newer boot of it lives)."""
 
 
 class LeaseReaper:
@@ -203,38 +214,55 @@ class LeaseReaper:
 
     def _dead(
         self, bound: set[str], leases: dict[str, GatewayLease], now: datetime
-    ) -> dict[str, str | None]:
-        """Gateways whose sessions must close -> the lost boot (None: never seen)."""
+    ) -> dict[str, _Dead]:
+        """Gateways with sessions that must close, and which of them."""
         grace = timedelta(seconds=self._settings.lease_unknown_grace_s)
-        dead: dict[str, str | None] = {}
+        dead: dict[str, _Dead] = {}
         for gateway_id in bound:
             lease = leases.get(gateway_id)
             if lease is None:
                 since = self._unknown_since.setdefault(gateway_id, now)
                 if now - since >= grace:
-                    dead[gateway_id] = None
+                    dead[gateway_id] = _Dead(boot_id=None, only_that_boot=False)
             elif is_lost(lease):
-                dead[gateway_id] = lease.boot_id
+                dead[gateway_id] = _Dead(boot_id=lease.boot_id, only_that_boot=False)
+            elif lease.lost_boot_id is not None:
+                # an ended earlier boot (the gateway restarted under the same id): its sessions
+                dead[gateway_id] = _Dead(boot_id=lease.lost_boot_id, only_that_boot=True)
         for gateway_id in list(self._unknown_since):
             if gateway_id not in bound or gateway_id in leases:
                 del self._unknown_since[gateway_id]
         return dead
 
-    async def _close_sessions(self, db: AsyncSession, dead: dict[str, str | None]) -> int:
+    async def _close_sessions(self, db: AsyncSession, dead: dict[str, _Dead]) -> int:
         if not dead:
             return 0
+        whole = sorted(g for g, d in dead.items() if not d.only_that_boot)
+        which: list[ColumnElement[bool]] = [col(TechSession.gateway_id).in_(whole)] if whole else []
+        which += [
+            and_(
+                col(TechSession.gateway_id) == gateway_id,
+                col(TechSession.conn_id).in_(
+                    select(col(AgentConnection.conn_id)).where(
+                        col(AgentConnection.boot_id) == d.boot_id
+                    )
+                ),
+            )
+            for gateway_id, d in sorted(dead.items())
+            if d.only_that_boot
+        ]
         async with db.begin():
             candidates = (
                 await db.execute(
                     select(col(TechSession.agent_id), col(TechSession.gateway_id))
-                    .where(_open_sql(), col(TechSession.gateway_id).in_(sorted(dead)))
+                    .where(_open_sql(), or_(*which))
                     .limit(self._settings.lease_reap_batch)
                 )
             ).all()
         closed = 0
         for agent_id, gateway_id in candidates:
             assert gateway_id is not None  # selected by gateway_id
-            boot_id = dead[gateway_id]
+            boot_id, only_that_boot = dead[gateway_id].boot_id, dead[gateway_id].only_that_boot
             async with db.begin():
                 agent = await lock_agent(db, agent_id)
                 if agent is None:
@@ -243,13 +271,17 @@ class LeaseReaper:
                     db,
                     agent_id=agent_id,
                     gateway_id=gateway_id,
+                    boot_id=boot_id if only_that_boot else None,
                     reason=GATEWAY_LOST,
                     actor=SYSTEM_ACTOR,
                     detail={"gateway_id": gateway_id, "boot_id": boot_id},
                 )
                 if agent.online and agent.gateway_id == gateway_id:
                     conn = await db.get(AgentConnection, agent.conn_id) if agent.conn_id else None
-                    if boot_id is None or conn is None or conn.boot_id == boot_id:
+                    if only_that_boot:
+                        if conn is not None and conn.boot_id == boot_id:
+                            agent.online = False
+                    elif boot_id is None or conn is None or conn.boot_id == boot_id:
                         agent.online = False
                 session_ids = [row.id for row in rows]
             for session_id in session_ids:

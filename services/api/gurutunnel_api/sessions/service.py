@@ -152,12 +152,14 @@ async def close_open_sessions(
     actor: str,
     conn_id: str | None = None,
     gateway_id: str | None = None,
+    boot_id: str | None = None,
     on_conns_connected_before_seq: int | None = None,
     detail: dict[str, Any] | None = None,
 ) -> list[TechSession]:
     """Close the agent's open sessions matching the filters (caller holds the agent lock).
 
     ``conn_id`` / ``gateway_id``: only sessions bound to that connection / gateway.
+    ``boot_id``: only sessions bound to a connection accepted under that gateway boot.
     ``on_conns_connected_before_seq``: only active sessions bound to a connection whose
     ``connected`` event has a lower stream sequence (a connection whose ``connected`` was not
     handled yet has no sequence and is left alone)."""
@@ -169,6 +171,11 @@ async def close_open_sessions(
         query = query.where(col(TechSession.conn_id) == conn_id)
     if gateway_id is not None:
         query = query.where(col(TechSession.gateway_id) == gateway_id)
+    if boot_id is not None:
+        boot_conns = select(col(AgentConnection.conn_id)).where(
+            col(AgentConnection.agent_id) == agent_id, col(AgentConnection.boot_id) == boot_id
+        )
+        query = query.where(col(TechSession.conn_id).in_(boot_conns))
     if on_conns_connected_before_seq is not None:
         older_conns = select(col(AgentConnection.conn_id)).where(
             col(AgentConnection.agent_id) == agent_id,

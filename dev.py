@@ -5,10 +5,12 @@
     python3 dev.py test    # lint, types and the whole test suite
     python3 dev.py check   # lint and types only
     python3 dev.py shell   # print how to activate the virtual environment
+    python3 dev.py bench   # benchmarks against the raw stack (--quick, --only NAME ...)
 
 Each command first makes sure ``.venv`` exists and holds exactly what the project's own files
 (``requirements-dev.txt`` and every ``pyproject.toml``) ask for; it reinstalls when one of them
-changed. Extra arguments after ``test`` go to pytest.
+changed. Extra arguments after ``test`` go to pytest, after ``bench`` to ``python -m bench``
+(which also installs ``requirements-bench.txt``: plots and a profiler the tests never need).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".gurutunnel-install-stamp"
+BENCH_STAMP = VENV / ".gurutunnel-bench-stamp"
+BENCH_REQUIREMENTS = "requirements-bench.txt"
 INPUTS = [
     "requirements-dev.txt",
     "pyproject.toml",
@@ -62,6 +66,17 @@ def ensure_venv() -> None:
     STAMP.write_text(digest)
 
 
+def ensure_bench_requirements() -> None:
+    """Install ``requirements-bench.txt`` into .venv when it changed since the last install."""
+    digest = hashlib.sha256((ROOT / BENCH_REQUIREMENTS).read_bytes()).hexdigest()
+    if BENCH_STAMP.exists() and BENCH_STAMP.read_text().strip() == digest:
+        return
+    print("installing the benchmark tools into .venv ...", flush=True)
+    pip = [str(PY), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", "-r", BENCH_REQUIREMENTS], check=True, cwd=ROOT)
+    BENCH_STAMP.write_text(digest)
+
+
 def run(*args: str) -> int:
     return subprocess.call([str(PY), *args], cwd=ROOT)
 
@@ -81,7 +96,7 @@ def check() -> int:
 
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "help"
-    if command not in {"demo", "test", "check", "shell"}:
+    if command not in {"demo", "test", "check", "shell", "bench"}:
         print(__doc__)
         return 0 if command in {"help", "-h", "--help"} else 2
     ensure_venv()
@@ -92,6 +107,9 @@ def main(argv: list[str]) -> int:
         return run("-m", "devstack.demo", *argv[1:])
     if command == "check":
         return check()
+    if command == "bench":
+        ensure_bench_requirements()
+        return run("-m", "bench", *argv[1:])
     code = check()
     if code:
         return code

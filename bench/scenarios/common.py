@@ -1,0 +1,247 @@
+"""Helpers the scenarios share: timed calls in interleaved blocks, exit waiters, stream readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from gurutunnel_protocol import new_id
+from gurutunnel_protocol.envelope import decode_command_result, encode
+from gurutunnel_protocol.messages import CommandReply, Terminal, TerminalStarted
+
+from ..baseline import DATA, END
+from ..harness import Bench
+
+Timed = Callable[[int], Awaitable[float]]
+"""One measured call (its index): returns its latency in seconds."""
+
+
+async def interleaved(
+    sides: dict[str, Timed], counts: dict[str, int], block: int, warmup: int
+) -> dict[str, list[float]]:
+    """Run each side's calls in turn, ``block`` at a time, until each made ``counts[side]``.
+
+    The first ``warmup`` calls of each side are run first and not kept. Latencies in ms."""
+    for timed in sides.values():
+        for i in range(warmup):
+            await timed(i)
+    out: dict[str, list[float]] = {name: [] for name in sides}
+    done = False
+    while not done:
+        done = True
+        for name, timed in sides.items():
+            kept = out[name]
+            for _ in range(min(block, counts[name] - len(kept))):
+                kept.append(await timed(warmup + len(kept)) * 1000)
+            done = done and len(kept) >= counts[name]
+    return out
+
+
+class ExitWaiter:
+    """Futures resolved by the ``terminal.exit`` frame of a session on ``session.<id>.up``.
+
+    One command in flight per session at a time (the scenarios keep it so)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, asyncio.Future[None]] = {}
+        self.sub: Any = None
+
+    async def start(self, bench: Bench) -> None:
+        async def on_up(msg: Any) -> None:
+            subject: str = msg.subject
+            if subject.endswith(".up") and b'"terminal.exit"' in msg.data:
+                future = self.pending.pop(subject.rsplit(".", 2)[-2], None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+        self.sub = await bench.nc.subscribe(bench.subjects.all_sessions(), cb=on_up)
+        await bench.nc.flush()
+
+    def expect(self, session_id: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending[session_id] = future
+        return future
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+
+@dataclass
+class CommandTiming:
+    answer_s: float
+    full_s: float
+
+
+async def bus_command(
+    bench: Bench, waiter: ExitWaiter, agent_id: str, session_id: str, timeout_s: float = 10
+) -> CommandTiming:
+    """``bench echo`` as the API sends it on the bus: request, then wait for the exit frame."""
+    frame = Terminal(
+        req_id=new_id(),
+        session_id=session_id,
+        channel_id=new_id(),
+        command="bench echo",
+        timeout_s=30,
+    )
+    payload = encode(frame)
+    subject = bench.subjects.agent_commands(agent_id)
+    exited = waiter.expect(session_id)
+    t0 = time.perf_counter()
+    msg = await bench.nc.request(subject, payload, timeout=timeout_s)
+    t1 = time.perf_counter()
+    await asyncio.wait_for(exited, timeout_s)
+    t2 = time.perf_counter()
+    answer = decode_command_result(msg.data)
+    if not isinstance(answer, CommandReply) or not isinstance(answer.frame, TerminalStarted):
+        raise RuntimeError(f"unexpected answer to terminal.command: {answer.type}")
+    return CommandTiming(answer_s=t1 - t0, full_s=t2 - t0)
+
+
+def b64_len(text: str) -> int:
+    """Decoded length of a padded base64 string, without decoding it."""
+    return len(text) * 3 // 4 - (2 if text.endswith("==") else 1 if text.endswith("=") else 0)
+
+
+@dataclass
+class StreamRun:
+    """One stream as its reader saw it."""
+
+    received: int = 0
+    gaps: int = 0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    first_byte_at: float = 0.0
+    last_byte_at: float = 0.0
+    error: str | None = None
+    marks: list[tuple[float, int]] = field(default_factory=list)
+
+    incomplete: bool = False
+    """The stream stopped short: no message for ``STREAM_IDLE_S`` (a lost end frame)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.ended_at - self.started_at
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.received / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+STREAM_IDLE_S = 10.0
+"""A reader that got nothing for this long gives up (the naive bridge may lose its end frame:
+NATS cuts a slow consumer off) and reports what it received, flagged ``incomplete``."""
+
+
+@contextlib.asynccontextmanager
+async def _watchdog(ws: ClientConnection, run: StreamRun) -> AsyncIterator[None]:
+    """Abort ``ws`` when ``run`` made no progress for ``STREAM_IDLE_S``."""
+
+    async def watch() -> None:
+        last = -1
+        quiet_since = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            if run.received != last:
+                last, quiet_since = run.received, time.monotonic()
+            elif time.monotonic() - quiet_since > STREAM_IDLE_S:
+                run.incomplete = True
+                ws.transport.abort()
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def gurutunnel_stream(
+    bench: Bench,
+    session_id: str,
+    total: int,
+    chunk: int,
+    *,
+    go: asyncio.Event | None = None,
+    timeout_s: float = 300,
+) -> StreamRun:
+    """Run ``bench stream`` over the API's technician WebSocket and read everything."""
+    run = StreamRun()
+    ticket = await bench.ticket(session_id)
+    async with connect(bench.tech_ws_url(session_id, ticket), max_size=4 << 20) as ws:
+        if go is not None:
+            await go.wait()
+        run.started_at = time.perf_counter()
+        await ws.send(
+            json.dumps(
+                {"type": "exec", "command": f"bench stream {total} {chunk}", "timeout_s": 3600}
+            )
+        )
+        try:
+            async with asyncio.timeout(timeout_s), _watchdog(ws, run):
+                async for raw in ws:
+                    run.last_byte_at = time.perf_counter()
+                    message = json.loads(raw)
+                    kind = message.get("type")
+                    if kind == "chunk":
+                        if not run.received:
+                            run.first_byte_at = time.perf_counter()
+                        run.received += b64_len(message["data"])
+                    elif kind == "gap":
+                        run.gaps += message["to_seq"] - message["from_seq"] + 1
+                    elif kind == "exit":
+                        break
+                    elif kind == "error":
+                        run.error = f"{message.get('code')}: {message.get('message')}"
+                        break
+        except ConnectionClosed:
+            if not run.incomplete:
+                raise
+        run.ended_at = run.last_byte_at if run.incomplete else time.perf_counter()
+    return run
+
+
+async def bridge_stream(
+    bench: Bench,
+    name: str,
+    total: int,
+    chunk: int,
+    *,
+    go: asyncio.Event | None = None,
+    timeout_s: float = 300,
+) -> StreamRun:
+    """The same through the naive bridge: its API's WebSocket, binary frames."""
+    run = StreamRun()
+    async with connect(bench.bridge_ws_url(name), max_size=4 << 20) as ws:
+        if go is not None:
+            await go.wait()
+        run.started_at = time.perf_counter()
+        await ws.send(f"stream {total} {chunk}")
+        try:
+            async with asyncio.timeout(timeout_s), _watchdog(ws, run):
+                async for raw in ws:
+                    run.last_byte_at = time.perf_counter()
+                    data = raw if isinstance(raw, bytes) else raw.encode()
+                    if data[:1] == bytes([DATA]):
+                        if not run.received:
+                            run.first_byte_at = time.perf_counter()
+                        run.received += len(data) - 1
+                    elif data[:1] == bytes([END]):
+                        break
+        except ConnectionClosed:
+            if not run.incomplete:
+                raise
+        run.ended_at = run.last_byte_at if run.incomplete else time.perf_counter()
+    return run
+
+
+def mib(value: float) -> float:
+    return value / (1024 * 1024)

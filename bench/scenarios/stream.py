@@ -1,0 +1,144 @@
+"""Scenario 4: streamed output of a session, read by a technician over the API's WebSocket.
+
+The simulated agent emits incompressible output as fast as its socket takes it (``bench
+stream``); the technician reads every message on ``/tunnel/{id}/ws``. The naive bridge's peer
+sends binary frames of the same sizes to its gateway, which publishes them on NATS, and its
+API forwards them to the reader's WebSocket. MB/s are 10^6 bytes of output per second, from
+the start message to the last byte. Then 20 sessions (and 20 bridge streams) at once: the
+aggregate rate and how fairly it is shared (Jain's index of the sessions' rates, 1 = equal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..harness import Bench
+from ..results import Goal, Row, ScenarioResult
+from ..stats import jain_index
+from .common import StreamRun, bridge_stream, gurutunnel_stream
+
+
+async def _many(runs: list[asyncio.Task[StreamRun]], go: asyncio.Event) -> list[StreamRun]:
+    await asyncio.sleep(0.5)  # every socket connected before the start
+    go.set()
+    return list(await asyncio.gather(*runs))
+
+
+def _aggregate(runs: list[StreamRun]) -> tuple[float, float, list[float]]:
+    start = min(r.started_at for r in runs)
+    end = max(r.ended_at for r in runs)
+    total = sum(r.received for r in runs)
+    rates = [r.received / (r.ended_at - start) / 1e6 for r in runs]
+    return total / (end - start) / 1e6, jain_index(rates), rates
+
+
+async def run_stream(bench: Bench) -> ScenarioResult:
+    p = bench.profile
+    result = ScenarioResult("stream", 4, "Streamed output of a session")
+    agent = bench.pool[0]
+    session_id = await bench.open_session(agent)
+    name = bench.bridge_names[0]
+    singles: dict[str, StreamRun] = {}
+    for chunk in (4096, 32768):
+        singles[f"gurutunnel_{chunk}"] = await gurutunnel_stream(
+            bench, session_id, p.stream_bytes, chunk
+        )
+        singles[f"bridge_{chunk}"] = await bridge_stream(bench, name, p.stream_bytes, chunk)
+
+    n = p.stream_sessions
+    sessions = [await bench.open_session(a) for a in bench.pool[:n]]
+    go = asyncio.Event()
+    gt_runs = await _many(
+        [
+            asyncio.create_task(gurutunnel_stream(bench, sid, p.stream_bytes_each, 4096, go=go))
+            for sid in sessions
+        ],
+        go,
+    )
+    go = asyncio.Event()
+    br_runs = await _many(
+        [
+            asyncio.create_task(bridge_stream(bench, nm, p.stream_bytes_each, 4096, go=go))
+            for nm in bench.bridge_names[:n]
+        ],
+        go,
+    )
+    gt_total, gt_jain, gt_rates = _aggregate(gt_runs)
+    br_total, br_jain, br_rates = _aggregate(br_runs)
+
+    def rate(key: str) -> float:
+        return singles[key].mb_per_s
+
+    result.rows = [
+        Row(
+            "one session, 4 KiB chunks",
+            "MB/s",
+            rate("gurutunnel_4096"),
+            rate("bridge_4096"),
+            "naive bridge, 4 KiB frames",
+            Goal("ratio>=", 0.8),
+        ),
+        Row(
+            "one session, 32 KiB chunks (the agent's chunk size)",
+            "MB/s",
+            rate("gurutunnel_32768"),
+            rate("bridge_32768"),
+            "naive bridge, 32 KiB frames",
+        ),
+        Row(
+            f"{n} sessions at once, aggregate (4 KiB)",
+            "MB/s",
+            gt_total,
+            br_total,
+            f"naive bridge, {n} streams",
+        ),
+        Row(
+            f"{n} sessions at once, fairness (Jain index)",
+            "",
+            gt_jain,
+            br_jain,
+            f"naive bridge, {n} streams",
+            Goal(">=", 0.9),
+        ),
+    ]
+    expected = {k: p.stream_bytes for k in singles}
+    delivered = {
+        "gurutunnel, many": sum(r.received for r in gt_runs) / (n * p.stream_bytes_each),
+        "bridge, many": sum(r.received for r in br_runs) / (n * p.stream_bytes_each),
+    } | {k: r.received / expected[k] for k, r in singles.items()}
+    for row, keys in (
+        (result.rows[0], ("gurutunnel_4096", "bridge_4096")),
+        (result.rows[1], ("gurutunnel_32768", "bridge_32768")),
+        (result.rows[2], ("gurutunnel, many", "bridge, many")),
+    ):
+        short = [
+            f"{k.split('_')[0].split(',')[0]} {delivered[k]:.1%}" for k in keys if delivered[k] < 1
+        ]
+        if short:
+            row.note = "delivered " + ", ".join(short) + " of the bytes (the rest lost on NATS)"
+    result.details = {
+        "bytes_single": p.stream_bytes,
+        "bytes_each_of_many": p.stream_bytes_each,
+        "sessions": n,
+        "singles": {
+            k: {
+                "mb_per_s": r.mb_per_s,
+                "received": r.received,
+                "gaps": r.gaps,
+                "seconds": r.seconds,
+                "incomplete": r.incomplete,
+            }
+            for k, r in singles.items()
+        },
+        "gurutunnel_session_rates_mb_per_s": gt_rates,
+        "bridge_stream_rates_mb_per_s": br_rates,
+        "share_delivered": delivered,
+        "gurutunnel_gap_frames": sum(r.gaps for r in [*singles.values(), *gt_runs]),
+        "incomplete_runs": {
+            "gurutunnel": sum(r.incomplete for r in gt_runs),
+            "bridge": sum(r.incomplete for r in br_runs),
+        },
+        "errors": [r.error for r in [*singles.values(), *gt_runs] if r.error],
+    }
+    result.samples = {"gurutunnel rates": gt_rates, "bridge rates": br_rates}
+    return result

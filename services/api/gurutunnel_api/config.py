@@ -118,6 +118,8 @@ class ApiSettings(BaseSettings):
     ws_ticket_ttl_s: float = Field(default=30.0, gt=0)
     ws_send_queue_max: int = Field(default=1024, ge=1)
     """Messages queued for one technician WebSocket; a reader slower than that is closed (1013)."""
+    ws_send_queue_max_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
+    """Bytes queued for one technician WebSocket (the memory a stalled reader can hold here)."""
     ws_send_timeout_s: float = Field(default=10.0, gt=0)
     """Bound of one WebSocket send (and of the close handshake of a socket being dropped)."""
     ws_max_channels: int = Field(default=16, ge=1)

@@ -32,6 +32,10 @@ class GatewaySettings(BaseSettings):
 
     # agent socket limits
     max_frame_bytes: int = Field(default=1 << 20, gt=0)
+    listen_backlog: int = Field(default=4096, ge=1)
+    """Pending TCP connections the kernel queues for the listener (asyncio's default, 100, turns
+    a reconnect storm after a gateway loss into SYN retries that cost agents whole seconds;
+    the kernel caps it at net.core.somaxconn)."""
     open_timeout_s: float = Field(default=10.0, gt=0)
     ping_interval_s: float = Field(default=10.0, gt=0)
     ping_timeout_s: float = Field(default=10.0, gt=0)

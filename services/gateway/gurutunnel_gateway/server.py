@@ -177,6 +177,7 @@ class Gateway:
             ping_timeout=s.ping_timeout_s,
             close_timeout=s.close_timeout_s,
             server_header=None,
+            backlog=s.listen_backlog,
         )
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name="gateway-lease"),

@@ -26,7 +26,7 @@ from gurutunnel_api.config import ApiSettings
 from gurutunnel_api.db import make_engine
 from gurutunnel_api.errors import Conflict
 from gurutunnel_api.work import service
-from gurutunnel_api.work.schemas import ExecCreate
+from gurutunnel_api.work.schemas import ExecCreate, WsErrorOut
 from gurutunnel_api.work.service import ChannelTracker, SessionRef, WorkContext
 from gurutunnel_api.work.ws import _EARLY_FRAMES, CLOSE_TICKET_REFUSED, TechSocket, _Channel
 from gurutunnel_protocol import new_id
@@ -373,3 +373,32 @@ async def test_early_frame_overflow_keeps_the_exit_frame_and_shows_a_gap() -> No
         "to_seq": total - 1,
     }
     assert sent[-1]["type"] == "exit" and sent[-1]["seq"] == total
+
+
+async def test_send_queue_bounded_in_bytes_drops_a_stalled_reader_with_1013() -> None:
+    """Nobody drains the queue (the technician stopped reading): messages are queued until the
+    next would pass ``ws_send_queue_max_bytes``, then the socket is marked for 1013 and the
+    queue holds no more than the bound, though it could still take many more messages."""
+    bound = 256 * 1024
+    settings = ApiSettings(
+        jwt_secret=JWT_SECRET, ws_send_queue_max=100_000, ws_send_queue_max_bytes=bound
+    )
+    ctx = WorkContext(
+        settings=settings,
+        bus=cast(Bus, None),
+        sessionmaker=cast(async_sessionmaker[AsyncSession], None),
+    )
+    sock = TechSocket(cast(WebSocket, None), ctx, SessionRef("s1", "a1", "t1"))
+    message = WsErrorOut(code="x", message="y" * 4096)
+    sent = 0
+    while not sock.overflowed and sent < 1000:
+        sock.send(message)
+        sent += 1
+    assert sock.overflowed, "the byte bound never closed the stalled socket"
+    queued: list[str] = []
+    while not sock.queue.empty():
+        item = sock.queue.get_nowait()
+        if isinstance(item, str):
+            queued.append(item)
+    assert sum(len(text) for text in queued) <= bound
+    assert bound // 4200 <= sent <= bound // 4096 + 2  # it stopped at the bound, not before

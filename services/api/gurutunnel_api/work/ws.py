@@ -7,10 +7,11 @@ Contract (messages in :mod:`.schemas`):
   arrive before the agent's answer to the request are held (at most ``_EARLY_FRAMES`` chunks
   per channel; later chunks are dropped and show as a gap; the exit frame is always kept) and
   sent after ``started``.
-- Outgoing messages go through ONE bounded queue (``ws_send_queue_max``) drained by one writer
-  task, each send bounded by ``ws_send_timeout_s``. A technician who stops reading fills it and
-  the socket is closed with 1013 ("try again later": the server dropped a client that could not
-  keep up) instead of growing memory.
+- Outgoing messages go through ONE bounded queue (``ws_send_queue_max`` messages and
+  ``ws_send_queue_max_bytes``, whichever comes first; one message larger than the byte bound
+  still passes alone) drained by one writer task, each send bounded by ``ws_send_timeout_s``.
+  A technician who stops reading fills it and the socket is closed with 1013 ("try again
+  later": the server dropped a client that could not keep up) instead of growing memory.
 - Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
   than ``ws_max_channels`` channels gets ``error{too_many_channels}`` (a slot is reserved by the
   reader before any await, so a burst cannot pass the limit).
@@ -125,6 +126,8 @@ class TechSocket:
         self.channels: dict[str, _Channel] = {}
         self.closing = False
         self.overflowed = False
+        self._queued_chars = 0
+        """Characters of the messages in ``queue`` (JSON text: bytes in practice)."""
         self._last_activity_write = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed_reason: str | None = None
@@ -169,8 +172,16 @@ class TechSocket:
         """Queue a message; a full queue drops the socket (1013), never the bus."""
         if self.overflowed:
             return
+        text = ws_text(message)
+        # bounded in bytes too: a thousand 32 KiB output chunks would be ~45 MB per socket
+        too_big = self._queued_chars and (
+            self._queued_chars + len(text) > self.s.ws_send_queue_max_bytes
+        )
         try:
-            self.queue.put_nowait(ws_text(message))
+            if too_big:
+                raise asyncio.QueueFull
+            self.queue.put_nowait(text)
+            self._queued_chars += len(text)
         except asyncio.QueueFull:
             self.overflowed = True
             log.warning(
@@ -185,6 +196,8 @@ class TechSocket:
     async def _writer(self) -> None:
         while True:
             item = await self.queue.get()
+            if isinstance(item, str):
+                self._queued_chars -= len(item)
             if isinstance(item, _Close):
                 if item.code == CLOSE_TRY_AGAIN_LATER:
                     self.overflowed = True

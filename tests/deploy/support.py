@@ -110,8 +110,8 @@ def setting(settings: type[BaseSettings], env: dict[str, str], prefix: str, name
 
 def gateway_stop_bound(env: dict[str, str]) -> float:
     """Longest ``Gateway.stop`` (services/gateway/gurutunnel_gateway/server.py) with these
-    settings: the drain, then the background loops' end, the last lease beat and the bus close,
-    each bounded by its own setting."""
+    settings: the drain, then the background loops' end, the last lease beat, the bus close and
+    the operations port's close, each bounded by its own setting."""
 
     def s(name: str) -> float:
         return setting(GatewaySettings, env, "GT_GATEWAY_", name)
@@ -121,6 +121,7 @@ def gateway_stop_bound(env: dict[str, str]) -> float:
         + s("close_timeout_s")
         + s("heartbeat_timeout_s")
         + s("publish_timeout_s")
+        + s("close_timeout_s")
         + s("close_timeout_s")
     )
 

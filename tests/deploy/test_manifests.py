@@ -104,10 +104,12 @@ def test_schema_validation_refuses_an_unknown_field() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_gateway_probes_use_readyz_and_healthz_on_its_port(overlay: str) -> None:
-    """Readiness on /readyz, liveness on /healthz, both on the port the gateway listens on."""
+def test_gateway_probes_use_readyz_and_healthz_on_its_operations_port(overlay: str) -> None:
+    """Readiness on /readyz, liveness on /healthz, both on the operations port the gateway
+    serves them on (GT_GATEWAY_METRICS_PORT, off the agent port), which differs from it."""
     container = _container(rendered(overlay), "Deployment", GATEWAY)
-    port = int(env_values(container)["GT_GATEWAY_PORT"])
+    port = int(env_values(container)["GT_GATEWAY_METRICS_PORT"])
+    assert port != int(env_values(container)["GT_GATEWAY_PORT"])
     ready, alive = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
     assert ready["path"] == "/readyz"
     assert alive["path"] == "/healthz"

@@ -32,6 +32,10 @@ class GatewaySettings(BaseSettings):
 
     # agent socket limits
     max_frame_bytes: int = Field(default=1 << 20, gt=0)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """When set, ``/metrics`` (with ``/healthz`` and ``/readyz``) is served on this port only and
+    the agent port answers it 404: the agent port sits behind a public load balancer, the
+    operations port stays on the pod network for Prometheus and the probes."""
     listen_backlog: int = Field(default=4096, ge=1)
     """Pending TCP connections the kernel queues for the listener (asyncio's default, 100, turns
     a reconnect storm after a gateway loss into SYN retries that cost agents whole seconds;

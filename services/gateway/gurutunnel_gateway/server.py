@@ -93,6 +93,11 @@ def _json_response(
     return response
 
 
+async def _never_upgraded(ws: ServerConnection) -> None:
+    """The operations port answers every request in ``process_request``; never reached."""
+    await ws.close(CloseCode.PROTOCOL_ERROR, "no WebSocket here")
+
+
 def _error(
     connection: ServerConnection, status: HTTPStatus, code: ErrorCode, message: str
 ) -> Response:
@@ -123,6 +128,7 @@ class Gateway:
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_until: float | None = None
+        self._ops_server: Server | None = None
         self._beat_now = asyncio.Event()
         """``time.monotonic()`` when this boot's lease runs out; None: no lease (yet)."""
         self._stopping = False
@@ -137,6 +143,14 @@ class Gateway:
         )
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound operations port when ``metrics_port`` is set (useful with 0)."""
+        if self._ops_server is None:
+            return None
+        port: int = self._ops_server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def port(self) -> int:
@@ -179,6 +193,14 @@ class Gateway:
             server_header=None,
             backlog=s.listen_backlog,
         )
+        if s.metrics_port is not None:
+            self._ops_server = await serve(
+                _never_upgraded,
+                s.host,
+                s.metrics_port,
+                process_request=self._process_ops_request,
+                server_header=None,
+            )
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name="gateway-lease"),
             asyncio.create_task(self._sweep_loop(), name="gateway-sweep"),
@@ -216,6 +238,12 @@ class Gateway:
         except Exception as exc:
             # nats-py may turn the timeout's cancel into its own error: either way, go on
             log.error("bus close did not finish: %s", type(exc).__name__)
+        if self._ops_server is not None:
+            # last: probes and metrics answered (readiness 503) all through the drain
+            self._ops_server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ops_server.wait_closed(), s.close_timeout_s)
+            self._ops_server = None
 
     async def _end_loops(self) -> None:
         """Cancel the background loops and wait for them, at most ``close_timeout_s``."""
@@ -241,9 +269,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ HTTP edge
 
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
+    def _ops_response(self, connection: ServerConnection, request: Request) -> Response | None:
+        """``/healthz``, ``/readyz`` and ``/metrics``; None for any other path."""
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             if self.bus.gave_up:
@@ -255,8 +282,11 @@ class Gateway:
                     "NATS connection closed for good (reconnect budget spent); restart me",
                 )
             return _json_response(connection, HTTPStatus.OK, {"status": "alive"})
-        if path == "/metrics":
-            # no credential: ids never reach a label (see metrics.py); bind to the pod network
+        if path == "/metrics" and (
+            self.settings.metrics_port is None or connection.server is self._ops_server
+        ):
+            # no credential: ids never reach a label (see metrics.py); with metrics_port set it
+            # is served only there, off the agent port a load balancer exposes
             accept = ",".join(request.headers.get_all("Accept"))
             body, content_type = self.metrics.render(accept)
             response = connection.respond(HTTPStatus.OK, body.decode())
@@ -270,6 +300,24 @@ class Gateway:
             return _error(
                 connection, HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.SERVICE_UNAVAILABLE, detail
             )
+        return None
+
+    async def _process_ops_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """The operations port (``metrics_port``): probes and metrics, never an upgrade."""
+        response = self._ops_response(connection, request)
+        if response is None:
+            return _error(connection, HTTPStatus.NOT_FOUND, ErrorCode.NOT_FOUND, "no such path")
+        return response
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        ops = self._ops_response(connection, request)
+        if ops is not None:
+            return ops
         if path != CONNECT_PATH:
             return _error(connection, HTTPStatus.NOT_FOUND, ErrorCode.NOT_FOUND, "no such path")
         if not self.ready:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
@@ -214,3 +215,27 @@ async def test_a_lost_lease_is_counted_with_the_sockets_it_closed(
             "the socket closed lease_lost",
         )
     assert value(samples, "gurutunnel_gateway_lease_losses_total") == 1
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT_S) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_metrics_port_serves_metrics_and_probes_and_the_agent_port_hides_metrics(
+    start_gateway: StartGateway,
+) -> None:
+    """With ``metrics_port`` set, /metrics, /healthz and /readyz answer there (any other path
+    404, no upgrade), and the public agent port answers /metrics 404 but keeps its probes."""
+    gateway = await start_gateway(metrics_port=0)
+    ops = gateway.metrics_port
+    assert ops is not None and ops != gateway.port
+    _, samples = await scrape(ops)
+    assert value(samples, "gurutunnel_gateway_agents_connected") == 0.0
+    for path, status in (("/healthz", 200), ("/readyz", 200), ("/agent/v1/connect", 404)):
+        assert await asyncio.to_thread(_status, ops, path) == status, path
+    assert await asyncio.to_thread(_status, gateway.port, "/metrics") == 404
+    assert await asyncio.to_thread(_status, gateway.port, "/readyz") == 200

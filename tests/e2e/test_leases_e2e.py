@@ -8,6 +8,7 @@ its agents, and they reconnect under its new boot.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import signal
 import time
@@ -173,6 +174,54 @@ async def test_sigkilled_gateway_session_closes_gateway_lost_within_lease_bound(
     assert elapsed <= CLOSE_BOUND_S, f"closed {elapsed:.2f}s after SIGKILL"
     assert await close_audit(client, session["id"]) == ["gateway_lost"]
     await wait_for(client, f"/agents/{agent.id}", lambda b: b["online"] is False, 5)
+
+
+async def test_sigkilled_gateway_agent_comes_back_through_the_other_gateway_and_opens_again(
+    lease_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    """Two gateways, the agent on the first with the second as its failover: SIGKILL of the
+    first closes its session within the lease bound, the agent comes back online through the
+    second, and a new open there answers 201. The session closes ``gateway_lost`` when the
+    lease runs out first, or ``agent_disconnected`` when the agent's new connection reaches the
+    API first (a newer connection closes the sessions of older ones): either way, not later."""
+    first, _ = lease_stack.start_gateway(gateway_id=f"gw{secrets.token_hex(3)}")
+    first_index = len(lease_stack.gateways) - 1
+    second_id = f"gw{secrets.token_hex(3)}"
+    second, _ = lease_stack.start_gateway(gateway_id=second_id)
+    second_url = lease_stack.gateway_ws_url(len(lease_stack.gateways) - 1)
+    r = await client.post("/agents", json={"name": f"agent-{second_id}"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    agent = EnrolledAgent(
+        id=body["agent"]["id"], name=body["agent"]["name"], credential=body["credential"]
+    )
+    process = lease_stack.start_agent(
+        agent, gateway_index=first_index, GT_AGENT_GATEWAY_URLS=json.dumps([second_url])
+    )
+    try:
+        await wait_for(client, f"/agents/{agent.id}", lambda b: b["online"] is True, 15)
+        session = await open_active(client, agent.id)
+        assert session["gateway_id"] != second_id
+
+        first.kill()
+        killed = time.monotonic()
+        closed = await wait_for(client, f"/tunnel/status/{session['id']}", is_closed, CLOSE_BOUND_S)
+        assert closed["close_reason"] in ("gateway_lost", "agent_disconnected")
+        assert time.monotonic() - killed <= CLOSE_BOUND_S
+        assert len(await close_audit(client, session["id"])) == 1
+
+        await wait_for(
+            client,
+            f"/agents/{agent.id}",
+            lambda b: b["online"] is True and b.get("gateway_id") == second_id,
+            15,
+        )
+        again = await open_active(client, agent.id)
+        assert again["gateway_id"] == second_id
+    finally:
+        process.stop()
+        second.stop()
+        first.stop()
 
 
 @dataclass

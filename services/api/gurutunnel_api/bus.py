@@ -587,7 +587,12 @@ class NatsBus:
                 self._kv = await self._js.key_value(self.subjects.revocation_bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv = await self._js.create_key_value(
-                    KeyValueConfig(bucket=self.subjects.revocation_bucket, history=1)
+                    KeyValueConfig(
+                        bucket=self.subjects.revocation_bucket,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self._settings.jetstream_replicas,
+                    )
                 )
         return self._kv
 
@@ -601,6 +606,7 @@ class NatsBus:
             storage=StorageType.FILE,
             max_age=PRESENCE_STREAM_MAX_AGE_S,
             duplicate_window=PRESENCE_STREAM_DUPLICATE_WINDOW_S,
+            num_replicas=self._settings.jetstream_replicas,
         )
         try:
             await asyncio.wait_for(self._js.add_stream(config), self._settings.request_timeout_s)

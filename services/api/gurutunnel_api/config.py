@@ -47,6 +47,9 @@ class ApiSettings(BaseSettings):
     nats_max_reconnect_attempts: int = -1
     """-1 reconnects forever (readiness reports the outage meanwhile)."""
     nats_drain_timeout_s: float = Field(default=5.0, gt=0)
+    jetstream_replicas: int = Field(default=1, ge=1, le=5)
+    """Replicas of the presence stream and the revocation bucket when this service creates them
+    (3 on a three-node JetStream cluster; 1 on a single server, which refuses more)."""
     presence_fetch_batch: int = Field(default=64, ge=1)
     presence_fetch_timeout_s: float = Field(default=1.0, gt=0)
     presence_ack_wait_s: float = Field(default=5.0, gt=0)

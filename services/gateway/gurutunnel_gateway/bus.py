@@ -247,6 +247,7 @@ class NatsBus:
                     storage=StorageType.FILE,
                     max_age=PRESENCE_STREAM_MAX_AGE_S,
                     duplicate_window=PRESENCE_STREAM_DUPLICATE_WINDOW_S,
+                    num_replicas=self._settings.jetstream_replicas,
                 )
             )
         except _NATS_ERRORS as exc:
@@ -346,7 +347,12 @@ class NatsBus:
                 kv = await self._js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 kv = await self._js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+                    KeyValueConfig(
+                        bucket=bucket,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self._settings.jetstream_replicas,
+                    )
                 )
             watcher = self._watcher = await kv.watchall()
         except _NATS_ERRORS as exc:

@@ -70,6 +70,9 @@ class GatewaySettings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=2.0, gt=0)
     """Bound of one lease heartbeat (publish + flush); a slower one counts as not sent."""
     publish_timeout_s: float = Field(default=5.0, gt=0)
+    jetstream_replicas: int = Field(default=1, ge=1, le=5)
+    """Replicas of the presence stream and the revocation bucket when this service creates them
+    (3 on a three-node JetStream cluster; 1 on a single server, which refuses more)."""
     presence_attempts: int = Field(default=5, gt=0)
     presence_retry_wait_s: float = Field(default=0.5, ge=0)
     revocation_snapshot_timeout_s: float = Field(default=10.0, gt=0)

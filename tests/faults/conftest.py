@@ -8,13 +8,18 @@ quotes them).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support.faults import PostgresCluster
+from devstack.stack import Stack
+from tests.support.faults import PostgresCluster, build_stack, create_admin
 from tests.support.services import PostgresUnavailable
 
 # Timings compressed so each fault plays out in seconds. The API judges a gateway lost
@@ -111,3 +116,33 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.cleanup()
+
+
+@contextlib.contextmanager
+def running_stack(
+    root: Path,
+    *,
+    nats_url: str,
+    database_url: str | None,
+    prefix: str,
+    admin: str,
+    password: str,
+) -> Iterator[Stack]:
+    """The fault tests' stack with their compressed timings: the API, one gateway and an admin
+    (``admin``/``password``) on a subject prefix of its own; every process stopped after."""
+    s = build_stack(
+        root,
+        nats_url=nats_url,
+        database_url=database_url,
+        subject_prefix=f"{prefix}{secrets.token_hex(4)}.gt",
+        api_env=API_ENV,
+        gateway_env=GATEWAY_ENV,
+        agent_env=AGENT_ENV,
+    )
+    try:
+        s.start_api()
+        s.start_gateway()
+        asyncio.run(create_admin(s, admin, password))
+        yield s
+    finally:
+        s.close()

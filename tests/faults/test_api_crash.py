@@ -26,9 +26,9 @@ from gurutunnel_api.bus import BusHandlers, NatsBus
 from gurutunnel_api.config import ApiSettings
 from gurutunnel_protocol import Subjects
 from tests.e2e.agents import scripted_agent
-from tests.support.faults import Api, build_stack, create_admin, eventually
+from tests.support.faults import Api, eventually
 
-from .conftest import AGENT_ENV, API_ENV, GATEWAY_ENV, Figure
+from .conftest import Figure, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -56,22 +56,17 @@ def stack(
     name = f"gt_crash_{secrets.token_hex(6)}"
     asyncio.run(_database(postgres_server, name, drop=False))
     base = postgres_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    s = build_stack(
-        tmp_path_factory.mktemp("api-crash"),
-        nats_url=nats_url,
-        database_url=f"{base}/{name}",
-        subject_prefix=f"c{secrets.token_hex(4)}.gt",
-        api_env=API_ENV,
-        gateway_env=GATEWAY_ENV,
-        agent_env=AGENT_ENV,
-    )
     try:
-        s.start_api()
-        s.start_gateway()
-        asyncio.run(create_admin(s, ADMIN, PASSWORD))
-        yield s
+        with running_stack(
+            tmp_path_factory.mktemp("api-crash"),
+            nats_url=nats_url,
+            database_url=f"{base}/{name}",
+            prefix="c",
+            admin=ADMIN,
+            password=PASSWORD,
+        ) as s:
+            yield s
     finally:
-        s.close()
         asyncio.run(_database(postgres_server, name, drop=True))
 
 

@@ -25,8 +25,6 @@ from tests.support.faults import (
     COUNTER_COMMAND,
     Api,
     PrivateNats,
-    build_stack,
-    create_admin,
     eventually,
     exec_stream,
     silent_losses,
@@ -34,12 +32,11 @@ from tests.support.faults import (
 )
 
 from .conftest import (
-    AGENT_ENV,
     API_ENV,
-    GATEWAY_ENV,
     LEASE_REAP_INTERVAL_S,
     LEASE_TTL_S,
     Figure,
+    running_stack,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,22 +58,15 @@ def nats_server() -> Iterator[PrivateNats]:
 
 @pytest.fixture(scope="module")
 def stack(nats_server: PrivateNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = build_stack(
+    with running_stack(
         tmp_path_factory.mktemp("nats-faults"),
         nats_url=nats_server.url,
-        database_url=None,  # SQLite: the database is not what fails here
-        subject_prefix=f"f{secrets.token_hex(4)}.gt",
-        api_env=API_ENV,
-        gateway_env=GATEWAY_ENV,
-        agent_env=AGENT_ENV,
-    )
-    try:
-        s.start_api()
-        s.start_gateway()
-        asyncio.run(create_admin(s, ADMIN, PASSWORD))
+        database_url=None,
+        prefix="f",
+        admin=ADMIN,
+        password=PASSWORD,
+    ) as s:
         yield s
-    finally:
-        s.close()
 
 
 def gateway_url(stack: Stack, index: int = 0) -> str:

@@ -23,13 +23,11 @@ from devstack.stack import Stack
 from tests.support.faults import (
     Api,
     PostgresCluster,
-    build_stack,
-    create_admin,
     eventually,
     status_of,
 )
 
-from .conftest import AGENT_ENV, API_ENV, GATEWAY_ENV, LEASE_TTL_S, Figure
+from .conftest import API_ENV, LEASE_TTL_S, Figure, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -47,22 +45,15 @@ def stack(
     postgres_cluster: PostgresCluster, nats_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     database_url = asyncio.run(postgres_cluster.create_database("gurutunnel"))
-    s = build_stack(
+    with running_stack(
         tmp_path_factory.mktemp("pg-faults"),
         nats_url=nats_url,
         database_url=database_url,
-        subject_prefix=f"p{secrets.token_hex(4)}.gt",
-        api_env=API_ENV,
-        gateway_env=GATEWAY_ENV,
-        agent_env=AGENT_ENV,
-    )
-    try:
-        s.start_api()
-        s.start_gateway()
-        asyncio.run(create_admin(s, ADMIN, PASSWORD))
+        prefix="p",
+        admin=ADMIN,
+        password=PASSWORD,
+    ) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -162,6 +162,28 @@ CLOSED_BY_LEASE = [
 ]
 
 
+async def session_on_new_boot_outlives_the_ttl(
+    api: Api,
+    users: Users,
+    agent: EnrolledAgent,
+    gateway: FakeGateway,
+    presence: Presence,
+    boot_id: str,
+) -> None:
+    """The agent reconnects through ``boot_id`` of the gateway and opens a session there: it is
+    still active after more than one TTL of reaper rounds."""
+    gateway.boot_id, gateway.conn_id = boot_id, new_id()
+    await presence.send(gateway.connected())
+    again = await open_session(api, users, agent)
+    started = time.monotonic()
+
+    async def outlived_ttl() -> bool:
+        return time.monotonic() - started > TTL_S + 3 * REAP_S
+
+    await wait_until(outlived_ttl, what="more than one TTL")
+    assert await session_state(api, users, again["id"]) == ("active", None)
+
+
 async def leases_lost_metric(api: Api) -> float:
     """``gurutunnel_api_gateway_leases_lost_total`` as /metrics shows it."""
     resp = await api.client.get("/metrics")
@@ -274,16 +296,9 @@ async def test_late_heartbeat_of_lost_boot_revives_nothing_and_new_boot_gets_a_l
             fresh = await wait_leased(api, gateway.gateway_id, reborn.boot_id)
             assert fresh.lost_boot_id == gateway.boot_id
             # and the agent reconnected through the new boot
-            gateway.boot_id, gateway.conn_id = reborn.boot_id, new_id()
-            await presence.send(gateway.connected())
-            again = await open_session(api, users, agent)
-            started = time.monotonic()
-
-            async def outlived_ttl() -> bool:
-                return time.monotonic() - started > TTL_S + 3 * REAP_S
-
-            await wait_until(outlived_ttl, what="more than one TTL")
-            assert await session_state(api, users, again["id"]) == ("active", None)
+            await session_on_new_boot_outlives_the_ttl(
+                api, users, agent, gateway, presence, reborn.boot_id
+            )
             lease = await lease_of(api, gateway.gateway_id)
             assert lease is not None and lease.lost_boot_id != lease.boot_id
         finally:
@@ -495,16 +510,9 @@ async def test_gateway_restarted_under_its_id_closes_the_old_boots_sessions_only
         assert (lease.boot_id, lease.lost_boot_id) == (reborn.boot_id, gateway.boot_id)
 
         # the agent reconnects through the new boot: its new session is not touched
-        gateway.boot_id, gateway.conn_id = reborn.boot_id, new_id()
-        await presence.send(gateway.connected())
-        again = await open_session(api, users, agent)
-        started = time.monotonic()
-
-        async def outlived_ttl() -> bool:
-            return time.monotonic() - started > TTL_S + 3 * REAP_S
-
-        await wait_until(outlived_ttl, what="more than one TTL")
-        assert await session_state(api, users, again["id"]) == ("active", None)
+        await session_on_new_boot_outlives_the_ttl(
+            api, users, agent, gateway, presence, reborn.boot_id
+        )
     finally:
         await beats.stop()
         await reborn.stop()

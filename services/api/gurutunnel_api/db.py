@@ -3,10 +3,11 @@
 Contract:
 - ``make_engine(settings)`` builds the one async engine of the process, with
   ``hide_parameters=True`` (a logged or raised database error never carries bound parameters
-  such as password hashes). PostgreSQL (asyncpg) gets
-  a bounded connect/command timeout and pre-ping; SQLite (aiosqlite) gets WAL, a busy timeout,
-  ``foreign_keys=ON`` and ``BEGIN IMMEDIATE`` for every transaction, so concurrent writers queue
-  on the lock instead of failing with "database is locked" at upgrade time.
+  such as password hashes). PostgreSQL (asyncpg) gets a bounded connect/command timeout and
+  pre-ping; SQLite (aiosqlite) gets WAL, ``synchronous`` from the settings (``NORMAL`` by
+  default), a busy timeout, ``foreign_keys=ON`` and ``BEGIN IMMEDIATE`` for every transaction,
+  so concurrent writers queue on the lock instead of failing with "database is locked" at
+  upgrade time.
 - Services open every unit of work with ``async with db.begin():`` so no transaction outlives
   its block (with ``BEGIN IMMEDIATE`` an idle open transaction would hold SQLite's write lock).
 - ``UTCDateTime`` stores instants in UTC and always returns timezone-aware ``datetime`` values,
@@ -83,7 +84,11 @@ def make_engine(settings: ApiSettings) -> AsyncEngine:
             pool_timeout=settings.request_timeout_s,
             hide_parameters=True,
         )
-        _configure_sqlite(engine, busy_timeout_s=settings.sqlite_busy_timeout_s)
+        _configure_sqlite(
+            engine,
+            busy_timeout_s=settings.sqlite_busy_timeout_s,
+            synchronous=settings.sqlite_synchronous,
+        )
         return engine
     connect_args: dict[str, Any] = {}
     if sa.make_url(url).get_driver_name() == "asyncpg":
@@ -101,7 +106,7 @@ def make_engine(settings: ApiSettings) -> AsyncEngine:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous: str) -> None:
     # SQLAlchemy's documented recipe: take transaction control away from the driver, then emit
     # our own BEGIN. IMMEDIATE takes the write lock up front, so two writers serialise on the
     # busy timeout instead of deadlocking on a read-to-write lock upgrade.
@@ -113,6 +118,7 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
 

@@ -298,6 +298,8 @@ async def complete_audit(
                 update(TunnelAudit)
                 .where(col(TunnelAudit.id) == audit_id, col(TunnelAudit.ended_at).is_(None))
                 .values(**values)
+                # no ORM object of the row lives in this session: skip matching them in Python
+                .execution_options(synchronize_session=False)
             )
     except Exception as exc:
         log.warning("audit row not completed", extra={"error": type(exc).__name__})

@@ -7,6 +7,7 @@ enrols agents of its own, so tests do not depend on each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,12 +46,18 @@ async def _drop_db(server: str, name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def stack(
-    request: pytest.FixtureRequest, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def module_stack(
+    request: pytest.FixtureRequest,
+    nats_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    name: str = "stack",
+    api_env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
-    """API + gateway processes on this module's own database and subject prefix."""
-    root: Path = tmp_path_factory.mktemp(f"stack-{request.param}")
+    """API + gateway processes on a database of their own (``request.param``: "sqlite" or
+    "postgres") and a subject prefix of their own; ``api_env`` replaces ``E2E_API_ENV``."""
+    root: Path = tmp_path_factory.mktemp(f"{name}-{request.param}")
     database_url: str | None = None
     db_name = ""
     server = ""
@@ -65,7 +72,7 @@ def stack(
         nats_url=nats_url,
         database_url=database_url,
         subject_prefix=f"e{secrets.token_hex(4)}.gt",
-        api_env=E2E_API_ENV,
+        api_env=E2E_API_ENV if api_env is None else api_env,
         gateway_env=E2E_GATEWAY_ENV,
         agent_env=E2E_AGENT_ENV,
     )
@@ -78,3 +85,12 @@ def stack(
         s.close()
         if db_name:
             asyncio.run(_drop_db(server, db_name))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(
+    request: pytest.FixtureRequest, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """API + gateway processes on this module's own database and subject prefix."""
+    with module_stack(request, nats_url, tmp_path_factory) as s:
+        yield s

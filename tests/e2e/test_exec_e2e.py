@@ -1,24 +1,33 @@
 """Work inside a session end to end: REST exec, NDJSON and the WebSocket through the real API,
-gateway and agent processes on real NATS (SQLite and PostgreSQL), running real commands."""
+gateway and agent processes on real NATS (SQLite and PostgreSQL), running real commands; the
+session limits (idle timeout, maximum duration) on a second stack with short limits; a command
+whose audit row cannot be written never runs."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from devstack.processes import ManagedProcess
 from devstack.stack import API_PREFIX, EnrolledAgent, Stack
+from tests.e2e.conftest import E2E_API_ENV, module_stack
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +37,44 @@ TEN_MB_COMMAND = ["seq", "-f", "%09.0f", "1", "1000000"]
 
 def _ten_mb() -> bytes:
     return b"".join(b"%09d\n" % i for i in range(1, 1000001))
+
+
+IDLE_S = 2.0
+MAX_S = 6.0
+"""Short session limits of the second stack: the idle test ends long before MAX_S; the
+max-duration test keeps the session busy (an exec every EXEC_EVERY_S) so idling never ends it."""
+EXEC_EVERY_S = 0.4
+LIMITS_API_ENV = {
+    **E2E_API_ENV,
+    "GT_API_SESSION_IDLE_TIMEOUT_S": str(IDLE_S),
+    "GT_API_SESSION_MAX_DURATION_S": str(MAX_S),
+    "GT_API_SESSION_REAP_INTERVAL_S": "0.2",
+    "GT_API_SESSION_WATCH_INTERVAL_S": "0.2",
+}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def limits_stack(
+    request: pytest.FixtureRequest, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A second stack whose API closes sessions after IDLE_S idle or MAX_S in all."""
+    with module_stack(
+        request, nats_url, tmp_path_factory, name="limits-stack", api_env=LIMITS_API_ENV
+    ) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def _admin_client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of a fresh admin of ``stack`` (admins may read the audit)."""
+    username = f"admin{secrets.token_hex(3)}"
+    token = stack.token(username, stack.create_admin(username))
+    async with httpx.AsyncClient(
+        base_url=f"{stack.api_url}{API_PREFIX}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    ) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +104,9 @@ async def _wait_online(client: httpx.AsyncClient, agent_id: str, timeout_s: floa
     raise AssertionError(f"agent {agent_id} not online within {timeout_s}s")
 
 
-@pytest.fixture
-async def session(stack: Stack, client: httpx.AsyncClient) -> AsyncIterator[str]:
-    """An active session on a real agent process."""
+@contextlib.asynccontextmanager
+async def _open_session(stack: Stack, client: httpx.AsyncClient) -> AsyncIterator[str]:
+    """Enrol and start a real agent process, open a session on it; the agent stops after."""
     r = await client.post("/agents", json={"name": f"agent-{secrets.token_hex(3)}"})
     assert r.status_code == 201, r.text
     body = r.json()
@@ -74,6 +121,13 @@ async def session(stack: Stack, client: httpx.AsyncClient) -> AsyncIterator[str]
         yield str(r.json()["id"])
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def session(stack: Stack, client: httpx.AsyncClient) -> AsyncIterator[str]:
+    """An active session on a real agent process."""
+    async with _open_session(stack, client) as session_id:
+        yield session_id
 
 
 async def _exec(client: httpx.AsyncClient, session: str, **body: Any) -> dict[str, Any]:
@@ -271,3 +325,126 @@ async def test_pty_shell_echoes_input_and_reports_the_resized_size(
         assert msg["channel_id"] == channel
     finally:
         await ws.close()
+
+
+# ---------------------------------------------------------------- audit before send
+async def test_command_whose_audit_row_cannot_be_written_is_not_run(
+    stack: Stack, client: httpx.AsyncClient, session: str, tmp_path: Path
+) -> None:
+    """tunnel_audit unwritable: exec `touch` is 503 database_unavailable and the file never
+    appears; the same exec once the table is back does create it (so the check can fail)."""
+    target = tmp_path / f"ran-{secrets.token_hex(4)}"
+    command = f"touch {shlex.quote(str(target))}"
+    engine = create_async_engine(
+        stack.database_url,
+        connect_args={"timeout": 10} if stack.database_url.startswith("sqlite") else {},
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("ALTER TABLE tunnel_audit RENAME TO tunnel_audit_away"))
+        try:
+            r = await client.post(f"/tunnel/{session}/exec", json={"command": command})
+        finally:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("ALTER TABLE tunnel_audit_away RENAME TO tunnel_audit"))
+    finally:
+        await engine.dispose()
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "database_unavailable"
+    await asyncio.sleep(1.5)  # a command that went out would have run within this bound
+    assert not target.exists(), "the command ran although its audit row was never written"
+    r2 = await _exec(client, session, command=command)
+    assert (r2["exit_code"], target.exists()) == (0, True)
+
+
+# ---------------------------------------------------------------- session limits
+async def _closed_code(ws: ClientConnection, timeout_s: float = 10) -> int | None:
+    """Read until the API closes the socket (bounded); the close code it sent."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else None
+
+
+async def _assert_closed_by(client: httpx.AsyncClient, session: str, reason: str) -> None:
+    """Status says closed with ``reason``; exactly one session.close audit row, by the system."""
+    r = await client.get(f"/tunnel/status/{session}")
+    assert r.status_code == 200, r.text
+    assert (r.json()["state"], r.json()["close_reason"]) == ("closed", reason), r.json()
+    r = await client.get("/audit", params={"session_id": session, "action": "session.close"})
+    assert r.status_code == 200, r.text
+    rows = r.json()["data"]
+    assert [(row["reason"], row["actor"]) for row in rows] == [(reason, "system")], rows
+
+
+async def test_idle_session_closes_idle_timeout_audited_and_the_websocket_hears_it(
+    limits_stack: Stack,
+) -> None:
+    """No user traffic (pings do not count) for IDLE_S: the session closes idle_timeout, one
+    audit row, and the technician's WebSocket gets session.closed{idle_timeout} then 1000."""
+    async with (
+        _admin_client(limits_stack) as client,
+        _open_session(limits_stack, client) as session,
+    ):
+        opened = time.monotonic()
+        ws = await _ws(limits_stack, client, session)
+        try:
+            for _ in range(3):  # pings are not user traffic: they must not keep it open
+                await ws.send(json.dumps({"type": "ping"}))
+                assert (await _next(ws))["type"] == "pong"
+            deadline = opened + IDLE_S + 20
+            msg = await _next(ws, timeout_s=deadline - time.monotonic())
+            while msg["type"] != "session.closed":
+                msg = await _next(ws, timeout_s=deadline - time.monotonic())
+            elapsed = time.monotonic() - opened
+            assert msg == {"type": "session.closed", "reason": "idle_timeout"}
+            assert await _closed_code(ws) == 1000
+        finally:
+            await ws.close()
+        assert elapsed >= IDLE_S - 1.0, elapsed
+        await _assert_closed_by(client, session, "idle_timeout")
+
+
+async def test_busy_session_still_closes_at_max_duration_audited_and_the_websocket_hears_it(
+    limits_stack: Stack,
+) -> None:
+    """Commands every EXEC_EVERY_S keep idling away; at MAX_S the session closes max_duration,
+    one audit row, and the WebSocket gets session.closed{max_duration} then 1000."""
+    async with (
+        _admin_client(limits_stack) as client,
+        _open_session(limits_stack, client) as session,
+    ):
+        opened = time.monotonic()
+        ws = await _ws(limits_stack, client, session)
+        exits = 0
+        try:
+            deadline = opened + MAX_S + 30
+            next_exec = 0.0
+            while True:
+                now = time.monotonic()
+                assert now < deadline, "no session.closed within MAX_S + 30 s"
+                if now >= next_exec:
+                    # the API may close the socket between two sends: what it sent before is
+                    # still read below
+                    with contextlib.suppress(ConnectionClosed):
+                        await ws.send(json.dumps({"type": "exec", "argv": ["true"]}))
+                    next_exec = now + EXEC_EVERY_S
+                try:
+                    msg = await _next(ws, timeout_s=max(0.05, next_exec - time.monotonic()))
+                except TimeoutError:
+                    continue
+                if msg["type"] == "session.closed":
+                    break
+                if msg["type"] == "exit":
+                    exits += 1
+            elapsed = time.monotonic() - opened
+            assert msg == {"type": "session.closed", "reason": "max_duration"}
+            assert await _closed_code(ws) == 1000
+        finally:
+            await ws.close()
+        assert elapsed >= MAX_S - 1.0, elapsed
+        # the session was in use all along: well past IDLE_S of commands that ran
+        assert exits >= (MAX_S - IDLE_S) / EXEC_EVERY_S / 2, exits
+        await _assert_closed_by(client, session, "max_duration")

@@ -18,6 +18,8 @@ from gurutunnel_protocol.messages import (
     ShellResize,
     TerminalChunk,
     TerminalExit,
+    TunnelClose,
+    TunnelClosed,
     TunnelData,
 )
 from tests.integration.agent.tunnel_harness import SESSION, Tunnel, wait_pids_gone
@@ -85,4 +87,23 @@ async def test_channel_close_kills_the_shell_and_its_jobs(shell: Tunnel) -> None
     assert isinstance(end, TerminalExit) and end.reason is ExitReason.CANCELLED
     closed = await shell.next_for("sh")
     assert isinstance(closed, ChannelClosed) and closed.req_id == "r-close"
+    assert await wait_pids_gone([shell_pid, job_pid]) == []
+
+
+async def test_tunnel_close_kills_the_shell_and_its_jobs(shell: Tunnel) -> None:
+    """tunnel.close: the shell and a background job die; the shell's exit says session_closed
+    and comes before tunnel.closed."""
+    # quoted in the input, so the echoed keystrokes do not match the marker; only the output
+    await type_line(shell, 'sleep 300 & echo pids-$$-$!-"end"\n')
+    seen, _ = await shell.output_until("sh", b"-end\r\n")
+    marker = seen[seen.rindex(b"pids-") :]
+    shell_pid, job_pid = (int(x) for x in marker.split(b"-")[1:3])
+    await shell.send(TunnelClose(req_id="r-tclose", session_id=SESSION))
+    end = await shell.next_for("sh")
+    while isinstance(end, TerminalChunk):
+        end = await shell.next_for("sh")
+    assert isinstance(end, TerminalExit) and end.reason is ExitReason.SESSION_CLOSED
+    closed = await shell.next_for("")
+    assert isinstance(closed, TunnelClosed) and closed.req_id == "r-tclose"
+    assert shell.order.index(end) < shell.order.index(closed)
     assert await wait_pids_gone([shell_pid, job_pid]) == []

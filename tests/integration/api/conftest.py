@@ -300,6 +300,10 @@ class FakeGateway:
     )
     """Plays the agent for ``terminal.command``: a TunnelError refuses it, None never answers;
     a list answers ``terminal.started`` and then publishes those frames on the up subject."""
+    output_before_started: bool = False
+    """With a list from ``on_terminal``: publish those frames on the up subject (and flush) BEFORE
+    answering ``terminal.started``, as a fast command on a real agent can (its first chunk races
+    the answer: they travel on different subjects)."""
     down: list[Any] = field(default_factory=list)
     """Frames received on the ``session.<id>.down`` subjects watched with ``watch_down``."""
     files: FakeFiles = field(default_factory=FakeFiles)
@@ -376,8 +380,15 @@ class FakeGateway:
                 pid=4242,
             )
         )
+        early = isinstance(script, list) and self.output_before_started
+        if isinstance(script, list) and early:
+            for up in script:
+                await self.publish_up(frame.session_id, up)
+            # on the server before the answer is even sent: only a subscriber made before the
+            # request can have them
+            await self.nc.flush()
         await msg.respond(encode(self._reply(answer)))
-        if isinstance(script, list):
+        if isinstance(script, list) and not early:
             for up in script:
                 await self.publish_up(frame.session_id, up)
             await self.nc.flush()

@@ -417,6 +417,38 @@ async def test_exec_is_refused_to_others_and_on_a_closed_session(world: World) -
     assert r.status_code == 409 and r.json()["error"]["message"] == "session is closed"
 
 
+@pytest.mark.parametrize("via", ["rest", "ws"])
+async def test_output_sent_before_the_started_answer_is_not_lost(world: World, via: str) -> None:
+    """The agent's chunk seq 0 and its exit reach the bus before terminal.started does; the
+    API's subscriber exists before the command is sent, so REST and WebSocket both get them."""
+    world.gw.output_before_started = True
+    world.gw.on_terminal = await _scripted(_hello)
+    if via == "rest":
+        r = await world.exec({"command": "x"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["stdout"], body["stderr"], body["gaps"]) == ("hello\n", "oops\n", [])
+        assert (body["reason"], body["exit_code"]) == ("exited", 3)
+        return
+    async with world.ws(await world.ticket()) as ws:
+        await ws.send(json.dumps({"type": "exec", "argv": ["x"], "id": "e1"}))
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            while not events or events[-1]["type"] != "exit":
+                msg = json.loads(await ws.recv())
+                if msg["type"] != "pong":
+                    events.append(msg)
+    assert events[0]["type"] == "started" and events[0]["id"] == "e1", events
+    chunks = [e for e in events if e["type"] == "chunk"]
+    assert [(c["seq"], base64.b64decode(c["data"])) for c in chunks] == [
+        (0, b"hel"),
+        (1, b"oops\n"),
+        (2, b"lo\n"),
+    ]
+    assert not [e for e in events if e["type"] == "gap"], events
+    assert (events[-1]["seq"], events[-1]["exit_code"]) == (3, 3)
+
+
 # ---------------------------------------------------------------- WebSocket
 async def _recv(ws: ClientConnection, want: str, timeout_s: float = 5) -> dict[str, Any]:
     async with asyncio.timeout(timeout_s):

@@ -224,3 +224,29 @@ async def test_bytes_over_the_read_budget_are_slowed_not_dropped(
     # base64 makes each frame ~4/3 of its data; the budget cannot be beaten, only met
     wire_bytes = count * frame_bytes * 4 / 3
     assert elapsed >= (wire_bytes - burst) / rate * 0.9
+
+
+async def test_client_that_never_finishes_the_handshake_is_dropped_within_open_timeout(
+    start_gateway: StartGateway,
+) -> None:
+    """A TCP client that sends half an upgrade request and then nothing is disconnected by the
+    gateway once open_timeout_s has passed (a slowloris cannot hold a socket for ever)."""
+    open_timeout_s = 0.5
+    gateway = await start_gateway(open_timeout_s=open_timeout_s)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        # request line and one header; the blank line that ends the headers never comes
+        writer.write(b"GET /agent/v1/connect HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await writer.drain()
+        started = time.monotonic()
+        try:
+            # read() returns only at EOF; EOF or a reset means the gateway dropped us, and the
+            # bound turns a gateway that keeps the socket into a TimeoutError
+            rest = await asyncio.wait_for(reader.read(), open_timeout_s + TIMEOUT_S)
+        except ConnectionResetError:
+            rest = b""
+        elapsed = time.monotonic() - started
+    finally:
+        writer.close()
+    assert not rest.startswith(b"HTTP/1.1 101"), rest  # never upgraded
+    assert elapsed < open_timeout_s + 3.0

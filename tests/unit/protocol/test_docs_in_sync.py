@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 from gurutunnel_protocol import CloseCode, ErrorCode
+from gurutunnel_protocol.messages import REPLIES_BY_REQUEST
 from gurutunnel_protocol.schema import document, render
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"
@@ -48,6 +49,17 @@ def test_protocol_doc_lists_every_error_and_close_code() -> None:
     assert not [c.value for c in ErrorCode if f"`{c.value}`" not in text]
     documented = {int(n) for n in re.findall(r"^\| (\d{4}) \|", text, flags=re.MULTILINE)}
     assert {int(c) for c in CloseCode} <= documented
+
+
+def test_protocol_doc_names_exactly_the_agent_answers_of_replies_by_request() -> None:
+    """The "Requests and answers" paragraph lists exactly the frames REPLIES_BY_REQUEST allows
+    as answers (no frame agents never send, none missing)."""
+    text = (DOCS / "protocol.md").read_text()
+    paragraph = text.split("**Requests and answers.**", 1)[1].split("\n\n", 1)[0]
+    listed = paragraph.split("answer (", 1)[1].split(")", 1)[0]
+    named = set(re.findall(r"`([a-z_.]+)`", listed))
+    replies = {t.model_fields["type"].default for ts in REPLIES_BY_REQUEST.values() for t in ts}
+    assert named == replies
 
 
 def test_schema_document_carries_the_protocol_version() -> None:

@@ -7,9 +7,15 @@ Contract:
   pre-ping; SQLite (aiosqlite) gets WAL, ``synchronous`` from the settings (``NORMAL`` by
   default), a busy timeout, ``foreign_keys=ON`` and ``BEGIN IMMEDIATE`` for every transaction,
   so concurrent writers queue on the lock instead of failing with "database is locked" at
-  upgrade time.
+  upgrade time. A connection goes back to SQLite's pool without a ``ROLLBACK`` round trip
+  unless the driver reports a transaction still open.
 - Services open every unit of work with ``async with db.begin():`` so no transaction outlives
   its block (with ``BEGIN IMMEDIATE`` an idle open transaction would hold SQLite's write lock).
+- ``async with unlocked(db):`` opens a unit of work that is ONE statement, or reads that need
+  no common snapshot: on SQLite it emits no ``BEGIN`` (each statement is its own transaction;
+  a read never waits for the write lock, a lone write statement takes it itself, under the
+  busy timeout); on PostgreSQL it is ``db.begin()``. Never use it for two writes that must
+  commit together.
 - ``UTCDateTime`` stores instants in UTC and always returns timezone-aware ``datetime`` values,
   on both databases.
 - ``SQLModel.metadata`` carries a naming convention so constraints have stable names in
@@ -18,8 +24,10 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -30,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 from sqlmodel import SQLModel
 
 from .config import ApiSettings
@@ -70,6 +79,21 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+SQLITE_BEGIN_OPTION: Final = "gurutunnel_sqlite_begin"
+"""Connection execution option read by SQLite's ``begin`` listener: False emits no ``BEGIN``."""
+
+UNLOCKED_OPTIONS: Final[dict[str, Any]] = {SQLITE_BEGIN_OPTION: False}
+
+
+@asynccontextmanager
+async def unlocked(db: AsyncSession) -> AsyncIterator[AsyncSession]:
+    """A unit of work of one statement, or of reads needing no common snapshot (see the
+    module contract); ``db`` must have no transaction in progress."""
+    async with db.begin():
+        await db.connection(execution_options=UNLOCKED_OPTIONS)
+        yield db
+
+
 def _is_sqlite(url: str) -> bool:
     return sa.make_url(url).get_backend_name() == "sqlite"
 
@@ -82,6 +106,8 @@ def make_engine(settings: ApiSettings) -> AsyncEngine:
             url,
             connect_args={"timeout": settings.sqlite_busy_timeout_s},
             pool_timeout=settings.request_timeout_s,
+            # the "reset" listener below rolls back only what is still open
+            pool_reset_on_return=None,
             hide_parameters=True,
         )
         _configure_sqlite(
@@ -124,7 +150,21 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(SQLITE_BEGIN_OPTION, True):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # An ORM session commits, then returns its connection: the pool's default reset would add
+    # a ROLLBACK (one driver thread round trip) to every unit of work. The driver knows
+    # whether a transaction is still open; only then is a rollback needed.
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(
+        dbapi_connection: Any, record: ConnectionPoolEntry, state: PoolResetState
+    ) -> None:
+        if state.terminate_only or not state.asyncio_safe:
+            return  # the pool closes it (or cannot await here); nothing is reused
+        driver = record.driver_connection
+        if driver is None or getattr(driver, "in_transaction", True):
+            dbapi_connection.rollback()
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -1,10 +1,12 @@
 """Request dependencies with typed aliases: settings, database session, bus, the caller.
 
 ``CurrentUser`` authenticates the ``Authorization: Bearer`` technician token and reloads the
-technician (a disabled or deleted account stops working at once, and the role comes from the
-database, not from the token). ``AdminUser`` and ``OperatorUser`` (admin or tech) add the role
-guard; a missing or bad token is 401 ``unauthorized``, a role too weak 403 ``forbidden``.
-``MetricsDep`` is the app's :class:`.metrics.ApiMetrics`.
+technician on every request, never cached (a disabled or deleted account stops working at
+once, and the role comes from the database, not from the token); the reload is one read that
+does not take SQLite's write lock (:func:`.db.unlocked`) and the ``Technician`` it returns is a
+copy of the row, attached to no database session. ``AdminUser`` and ``OperatorUser``
+(admin or tech) add the role guard; a missing or bad token is 401 ``unauthorized``, a role
+too weak 403 ``forbidden``. ``MetricsDep`` is the app's :class:`.metrics.ApiMetrics`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from typing import Annotated, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from gurutunnel_protocol import ID_PATTERN
 
 from .auth.models import Role, Technician
 from .bus import Bus
 from .config import ApiSettings
+from .db import unlocked
 from .errors import Forbidden, ServiceUnavailable, Unauthorized
 from .metrics import ApiMetrics
 from .security import InvalidToken, PasswordHashing, decode_tech_token
@@ -75,6 +80,12 @@ SigningKeyDep = Annotated[Ed25519PrivateKey, Depends(get_agent_signing_key)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="a subject-safe id")]
 
 
+# built once: SQLAlchemy memoizes a statement's cache key on it
+_TECHNICIAN_ROW = select(*Technician.metadata.tables["technician"].columns).where(
+    col(Technician.id) == bindparam("tech_id_")
+)
+
+
 async def get_current_user(
     db: SessionDep,
     settings: SettingsDep,
@@ -90,12 +101,16 @@ async def get_current_user(
         # the reason is the exception class (safe); never the token
         log.info("technician token refused", extra={"error": str(exc)})
         raise Unauthorized("invalid or expired token") from None
-    async with db.begin():
-        tech = await db.get(Technician, claims.sub)
-    if tech is None or tech.disabled:
+    # one read: on SQLite no BEGIN IMMEDIATE (it would queue behind every writer); a Core row,
+    # not an ORM load (every authenticated request pays for it)
+    async with unlocked(db):
+        found = (
+            await (await db.connection()).execute(_TECHNICIAN_ROW, {"tech_id_": claims.sub})
+        ).first()
+    if found is None or found.disabled:
         log.info("technician token refused: unknown or disabled account")
         raise Unauthorized("invalid or expired token")
-    return tech
+    return Technician(**found._mapping)
 
 
 CurrentUser = Annotated[Technician, Depends(get_current_user)]

@@ -610,3 +610,33 @@ async def test_activity_keeps_the_session_and_max_duration_still_ends_it(
             f"/api/v1/tunnel/status/{w.session_id}", headers=w.users.tech.headers
         )
         assert r.json()["close_reason"] == "max_duration"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "ndjson"])
+async def test_a_command_ended_by_max_duration_says_why_the_session_closed(
+    worlds: WorldFactory, stream: bool
+) -> None:
+    """The technician's result (and NDJSON stream) of a command cut off by the session's end
+    names the session's close reason, not only ``session_closed``."""
+    async with worlds(
+        session_max_duration_s=1.0,
+        session_reap_interval_s=0.1,
+        session_watch_interval_s=0.2,
+        exec_close_grace_s=0.5,
+    ) as w:
+
+        def started_only(t: Terminal) -> list[SessionFrame]:
+            return [chunk(t, 0, b"working\n")]  # no exit frame: runs until the session ends
+
+        w.gw.on_terminal = await _scripted(started_only)
+        if stream:
+            events = _ndjson((await w.exec({"command": "x", "timeout_s": 60}, stream="true")).text)
+            last = events[-1]
+            assert (last["event"], last["code"]) == ("error", "session_closed"), events
+            assert last["session_close_reason"] == "max_duration"
+        else:
+            r = await w.exec({"command": "x", "timeout_s": 60})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["reason"], body["stdout"]) == ("session_closed", "working\n")
+            assert body["session_close_reason"] == "max_duration"

@@ -27,6 +27,9 @@ Contract (docs/design.md "Sessions (api)"):
 - ``close_session`` (owner or admin) closes in the database first and tells the agent
   best-effort afterwards; closing a closed session returns it unchanged.
 - Every state change writes exactly one audit row in its own transaction.
+- The units of work of every open and user close (insert ``pending``, activate, close) are Core
+  statements built once at import (no ORM unit of work, no per-call statement cache key);
+  ``activate`` falls back to the ORM path only when it cannot simply activate.
 - No ORM object is read after a rollback (a rollback expires them, and a lazy load outside the
   greenlet fails): callers' ``Technician`` rows are reduced to plain ids before any transaction.
 """
@@ -40,9 +43,9 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from gurutunnel_protocol import ErrorCode, new_id
@@ -56,7 +59,7 @@ from gurutunnel_protocol.messages import (
 
 from ..agents.models import Agent, AgentConnection
 from ..audit.models import SYSTEM_ACTOR, AuditAction, TunnelAudit
-from ..audit.service import record
+from ..audit.service import insert_row, record
 from ..auth.models import Role, Technician
 from ..bus import AgentOffline, Bus, BusError
 from ..config import ApiSettings
@@ -73,6 +76,47 @@ from ..errors import (
 from .models import OPEN_STATES, SessionState, TechSession
 
 log = logging.getLogger(__name__)
+
+_SESSION_COLUMNS = tuple(TechSession.metadata.tables["tech_session"].columns)
+"""Every column of ``tech_session``: a ``RETURNING`` that rebuilds the row without a SELECT."""
+
+# The statements of open and close, built once: SQLAlchemy memoizes a statement's cache key on
+# it, so a call neither rebuilds nor re-traverses them. SET/VALUES columns come from the
+# parameters' keys; WHERE parameters end in "_" (a SET column's name is reserved).
+_AGENT_REVOKED_FOR_UPDATE = (
+    select(col(Agent.revoked_at)).where(col(Agent.id) == bindparam("agent_id_")).with_for_update()
+)
+_AGENT_REVOKED_AND_CONN_GONE_FOR_UPDATE = (
+    select(
+        col(Agent.revoked_at),
+        select(col(AgentConnection.disconnected_at))
+        .where(col(AgentConnection.conn_id) == bindparam("conn_id_"))
+        .scalar_subquery(),
+    )
+    .where(col(Agent.id) == bindparam("agent_id_"))
+    .with_for_update(of=Agent)
+)
+_INSERT_SESSION = insert(TechSession)
+_ACTIVATE_PENDING = (
+    update(TechSession)
+    .where(
+        col(TechSession.id) == bindparam("session_id_"),
+        col(TechSession.state) == SessionState.PENDING.value,
+    )
+    .returning(*_SESSION_COLUMNS)
+)
+_OWNER_AND_AGENT = select(col(TechSession.tech_id), col(TechSession.agent_id)).where(
+    col(TechSession.id) == bindparam("session_id_")
+)
+_CLOSE_OPEN = (
+    update(TechSession)
+    .where(
+        col(TechSession.id) == bindparam("session_id_"),
+        col(TechSession.state).in_([s.value for s in OPEN_STATES]),
+    )
+    .returning(*_SESSION_COLUMNS)
+)
+_SESSION_ROW = select(*_SESSION_COLUMNS).where(col(TechSession.id) == bindparam("session_id_"))
 
 
 async def lock_agent(db: AsyncSession, agent_id: str) -> Agent | None:
@@ -113,30 +157,46 @@ async def finish(
     )
 
 
-async def _session_totals(db: AsyncSession, row: TechSession) -> dict[str, Any]:
-    if row.opened_at is None or row.closed_at is None:
-        return {}
+def _totals_statement() -> Select[int, int, int, int]:
     done = col(TunnelAudit.reason) == "done"
     upload = col(TunnelAudit.action) == AuditAction.FILE_UPLOAD.value
     download = col(TunnelAudit.action) == AuditAction.FILE_DOWNLOAD.value
+    return select(
+        func.count(case((col(TunnelAudit.action) == AuditAction.COMMAND_RUN.value, 1))),
+        func.coalesce(
+            func.sum(
+                func.coalesce(col(TunnelAudit.stdout_bytes), 0)
+                + func.coalesce(col(TunnelAudit.stderr_bytes), 0)
+            ),
+            0,
+        ),
+        func.coalesce(func.sum(case((upload & done, col(TunnelAudit.file_size)))), 0),
+        func.coalesce(func.sum(case((download & done, col(TunnelAudit.file_size)))), 0),
+    ).where(col(TunnelAudit.session_id) == bindparam("session_id_"))
+
+
+# Built once: its cache key (a deep traversal of this tree) is memoized on the statement.
+_TOTALS = _totals_statement()
+
+
+async def _session_totals(db: AsyncSession, row: TechSession) -> dict[str, Any]:
+    if row.opened_at is None or row.closed_at is None:
+        return {}
+    return await _totals(db, session_id=row.id, opened_at=row.opened_at, closed_at=row.closed_at)
+
+
+async def _totals(
+    db: AsyncSession | AsyncConnection,
+    *,
+    session_id: str,
+    opened_at: datetime,
+    closed_at: datetime,
+) -> dict[str, Any]:
     commands, output, uploaded, downloaded = (
-        await db.execute(
-            select(
-                func.count(case((col(TunnelAudit.action) == AuditAction.COMMAND_RUN.value, 1))),
-                func.coalesce(
-                    func.sum(
-                        func.coalesce(col(TunnelAudit.stdout_bytes), 0)
-                        + func.coalesce(col(TunnelAudit.stderr_bytes), 0)
-                    ),
-                    0,
-                ),
-                func.coalesce(func.sum(case((upload & done, col(TunnelAudit.file_size)))), 0),
-                func.coalesce(func.sum(case((download & done, col(TunnelAudit.file_size)))), 0),
-            ).where(col(TunnelAudit.session_id) == row.id)
-        )
+        await db.execute(_TOTALS, {"session_id_": session_id})
     ).one()
     return {
-        "duration_s": round((row.closed_at - row.opened_at).total_seconds(), 3),
+        "duration_s": round((closed_at - opened_at).total_seconds(), 3),
         "commands": int(commands),
         "output_bytes": int(output),
         "uploaded_bytes": int(uploaded),
@@ -193,30 +253,34 @@ async def close_open_sessions(
 
 async def _insert_pending(db: AsyncSession, *, agent_id: str, tech_id: str) -> str:
     """Insert the ``pending`` row (agent row locked, so a concurrent revoke is either seen here
-    or sees this row); its id."""
+    or sees this row) and its ``session.open`` audit row; its id. Core statements: no ORM
+    object is needed, and this runs on every open."""
     async with db.begin():
-        agent = await lock_agent(db, agent_id)
+        conn = await db.connection()
+        agent = (await conn.execute(_AGENT_REVOKED_FOR_UPDATE, {"agent_id_": agent_id})).first()
         if agent is None:
             raise NotFound("agent not found")
-        if agent.revoked_at is not None:
+        if agent[0] is not None:
             raise Conflict("agent is revoked")
         session_id = new_id()
-        db.add(
-            TechSession(
-                id=session_id,
-                agent_id=agent_id,
-                tech_id=tech_id,
-                state=SessionState.PENDING.value,
-            )
+        # a second open of the agent fails here on the partial unique index (IntegrityError)
+        await conn.execute(
+            _INSERT_SESSION,
+            {
+                "id": session_id,
+                "agent_id": agent_id,
+                "tech_id": tech_id,
+                "state": SessionState.PENDING.value,
+                "created_at": utcnow(),
+            },
         )
-        record(
-            db,
+        await insert_row(
+            conn,
             actor=tech_id,
             action=AuditAction.SESSION_OPEN,
             agent_id=agent_id,
             session_id=session_id,
         )
-        await db.flush()
     return session_id
 
 
@@ -456,7 +520,9 @@ async def _open_on_agent(
         raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
 
     try:
-        return await activate(db, session_id=session_id, reply=reply, actor=tech_id)
+        return await activate(
+            db, session_id=session_id, reply=reply, actor=tech_id, agent_id=agent_id
+        )
     except Exception:
         # not activated (closed meanwhile, connection gone, revoked, database failure) although
         # the agent entered tunnel mode: tell it to leave
@@ -496,22 +562,68 @@ async def _close_zombie(
 
 
 async def activate(
-    db: AsyncSession, *, session_id: str, reply: CommandReply, actor: str
+    db: AsyncSession, *, session_id: str, reply: CommandReply, actor: str, agent_id: str
 ) -> TechSession:
-    """Mark a pending session active on the replying connection, unless that connection is
-    already known to be gone (then close it: 409 ``agent_offline``) or the agent was revoked
-    meanwhile (then close it: 409 ``conflict``)."""
+    """Mark the pending session ``session_id`` of ``agent_id`` active on the replying
+    connection, unless that connection is already known to be gone (then close it: 409
+    ``agent_offline``) or the agent was revoked meanwhile (then close it: 409 ``conflict``).
+
+    The usual case is one transaction of Core statements: lock the agent row (reading its
+    revocation and the connection's end in the same statement), move the row from ``pending``
+    to ``active`` (``RETURNING`` it) and insert ``session.active``. Any other case takes
+    :func:`_activate_refused`."""
+    bound = {"conn_id": reply.conn_id, "gateway_id": reply.gateway_id}
+    async with db.begin():
+        conn = await db.connection()
+        agent = (
+            await conn.execute(
+                _AGENT_REVOKED_AND_CONN_GONE_FOR_UPDATE,
+                {"agent_id_": agent_id, "conn_id_": reply.conn_id},
+            )
+        ).first()
+        row = None
+        if agent is not None and agent[0] is None and agent[1] is None:
+            row = (
+                await conn.execute(
+                    _ACTIVATE_PENDING,
+                    {
+                        "session_id_": session_id,
+                        "state": SessionState.ACTIVE.value,
+                        "opened_at": utcnow(),
+                        "conn_id": reply.conn_id,
+                        "gateway_id": reply.gateway_id,
+                    },
+                )
+            ).first()
+        if row is not None:
+            await insert_row(
+                conn,
+                actor=actor,
+                action=AuditAction.SESSION_ACTIVE,
+                agent_id=agent_id,
+                session_id=session_id,
+                detail=bound,
+            )
+            return TechSession(**row._mapping)
+    return await _activate_refused(db, session_id=session_id, bound=bound, actor=actor)
+
+
+async def _activate_refused(
+    db: AsyncSession, *, session_id: str, bound: dict[str, Any], actor: str
+) -> TechSession:
+    """The session could not simply be activated: no longer ``pending`` (409 naming its state),
+    the agent revoked or the connection gone meanwhile (closed, 409), or activated after all
+    (returned) when the blocking condition vanished between the two transactions."""
     outcome: ApiError | None = None
     async with db.begin():
-        row = await db.get(TechSession, session_id)
+        row = await db.get(TechSession, session_id, populate_existing=True)
         if row is None:
             raise NotFound("session not found")
         agent = await lock_agent(db, row.agent_id)
         await db.refresh(row)
         if row.state != SessionState.PENDING.value:
             raise Conflict(f"session was {row.state} while opening ({row.close_reason})")
-        conn = await db.get(AgentConnection, reply.conn_id)
-        bound = {"conn_id": reply.conn_id, "gateway_id": reply.gateway_id}
+        conn = await db.get(AgentConnection, bound["conn_id"], populate_existing=True)
         if agent is None or agent.revoked_at is not None:
             await finish(
                 db, row, state=SessionState.CLOSED, reason="revoked", actor=actor, detail=bound
@@ -530,8 +642,8 @@ async def activate(
         else:
             row.state = SessionState.ACTIVE.value
             row.opened_at = utcnow()
-            row.conn_id = reply.conn_id
-            row.gateway_id = reply.gateway_id
+            row.conn_id = bound["conn_id"]
+            row.gateway_id = bound["gateway_id"]
             record(
                 db,
                 actor=actor,
@@ -548,22 +660,55 @@ async def activate(
 async def close_session(
     db: AsyncSession, *, bus: Bus, settings: ApiSettings, session_id: str, tech: Technician
 ) -> TechSession:
-    """Close by the owner or an admin (403 for others); idempotent on a finished session."""
+    """Close by the owner or an admin (403 for others); idempotent on a finished session.
+
+    One transaction of Core statements: read the owner, lock the agent row (PostgreSQL; SQLite's
+    ``BEGIN IMMEDIATE`` already holds the write lock), move an open row to ``closed``
+    (``RETURNING`` it) with its ``session.close`` row and totals, as :func:`finish` does."""
     tech_id, is_admin = tech.id, tech.role == Role.ADMIN.value  # plain values: see the contract
     async with db.begin():
-        row = await db.get(TechSession, session_id)
-        if row is None:
+        conn = await db.connection()
+        found = (await conn.execute(_OWNER_AND_AGENT, {"session_id_": session_id})).first()
+        if found is None:
             raise NotFound("session not found")
-        if row.tech_id != tech_id and not is_admin:
+        if found[0] != tech_id and not is_admin:
             raise Forbidden("only the owner or an admin may close this session")
-        await lock_agent(db, row.agent_id)
-        await db.refresh(row)
-        changed = row.state in {s.value for s in OPEN_STATES}
-        if changed:
-            await finish(db, row, state=SessionState.CLOSED, reason="user", actor=tech_id)
-    if changed:
-        tell_agent_to_close(bus, settings, row.agent_id, row.id, reason="user")
-    return row
+        agent_id = found[1]
+        if conn.dialect.name != "sqlite":
+            await conn.execute(_AGENT_REVOKED_FOR_UPDATE, {"agent_id_": agent_id})
+        closed = (
+            await conn.execute(
+                _CLOSE_OPEN,
+                {
+                    "session_id_": session_id,
+                    "state": SessionState.CLOSED.value,
+                    "close_reason": "user",
+                    "closed_at": utcnow(),
+                },
+            )
+        ).first()
+        if closed is None:
+            # already finished: returned unchanged
+            row = (await conn.execute(_SESSION_ROW, {"session_id_": session_id})).one()
+        else:
+            row = closed
+            detail: dict[str, Any] | None = None
+            if row.opened_at is not None:
+                detail = await _totals(
+                    conn, session_id=session_id, opened_at=row.opened_at, closed_at=row.closed_at
+                )
+            await insert_row(
+                conn,
+                actor=tech_id,
+                action=AuditAction.SESSION_CLOSE,
+                agent_id=agent_id,
+                session_id=session_id,
+                reason="user",
+                detail=detail,
+            )
+    if closed is not None:
+        tell_agent_to_close(bus, settings, agent_id, session_id, reason="user")
+    return TechSession(**row._mapping)
 
 
 async def get_session(db: AsyncSession, *, session_id: str) -> TechSession:

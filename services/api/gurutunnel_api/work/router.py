@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gurutunnel_protocol import ErrorCode, validate_id
 from gurutunnel_protocol.messages import TerminalCancel, TerminalExit
 
+from ..auth.models import Technician
 from ..bus import BusError
 from ..deps import BusDep, CurrentUser, IdPath, SessionDep, SettingsDep
 from ..errors import ApiError, NotFound, bus_error_to_api
@@ -97,10 +98,10 @@ def _wants_stream(request: Request, stream: bool) -> bool:
 
 
 async def _start(
-    work: WorkContext, ref: service.SessionRef, body: ExecCreate
+    work: WorkContext, session_id: str, tech: Technician, body: ExecCreate
 ) -> tuple[CommandRun, StartedCommand]:
     try:
-        return await service.start_command(work, ref=ref, spec=body)
+        return await service.authorize_and_start(work, session_id=session_id, tech=tech, spec=body)
     except BusError as exc:
         raise bus_error_to_api(exc) from None
 
@@ -121,15 +122,14 @@ async def exec_command(
     session_id: IdPath,
     body: ExecCreate,
     request: Request,
-    db: SessionDep,
     tech: CurrentUser,
     work: WorkDep,
     stream: bool = False,
     encoding: Encoding = "utf-8",
 ) -> ExecResult | Response:
-    ref = await service.authorize(db, session_id=session_id, tech=tech)
     try:
-        run, started = await _unless_client_leaves(request, _start(work, ref, body))
+        # authorization (403/404/409) and the audit row are one transaction
+        run, started = await _unless_client_leaves(request, _start(work, session_id, tech, body))
     except _ClientGone:
         raise ApiError("client went away", code=ErrorCode.INTERNAL_ERROR) from None
     try:
@@ -207,7 +207,7 @@ class _CommandStream(Response):
         first = ndjson_line(StreamStarted(channel_id=self.started.channel_id, pid=self.started.pid))
         await self._send(send, {"type": "http.response.body", "body": first, "more_body": True})
         async for event in events:
-            line = _line(event)
+            line = _line(event, self.run)
             await self._send(send, {"type": "http.response.body", "body": line, "more_body": True})
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -221,7 +221,7 @@ async def _abandon_unless_served(response: _CommandStream, *, bound_s: float) ->
     response.run.abandon()
 
 
-def _line(event: service.Event) -> bytes:
+def _line(event: service.Event, run: CommandRun) -> bytes:
     if isinstance(event, Chunk):
         return ndjson_line(StreamChunk(seq=event.seq, stream=event.stream, data=event.data))
     if isinstance(event, Gap):
@@ -237,10 +237,17 @@ def _line(event: service.Event) -> bytes:
                 stdout_bytes=event.stdout_bytes,
                 stderr_bytes=event.stderr_bytes,
                 error=event.error,
+                session_close_reason=run.session_close_reason,
             )
         )
     assert isinstance(event, Lost)
-    return ndjson_line(StreamError(code=event.code.value, message=event.message))
+    return ndjson_line(
+        StreamError(
+            code=event.code.value,
+            message=event.message,
+            session_close_reason=run.session_close_reason,
+        )
+    )
 
 
 @router.post(

@@ -74,6 +74,9 @@ class ExecResult(BaseModel):
     stderr_bytes: int
     gaps: list[GapPublic]
     error: str | None
+    session_close_reason: str | None = None
+    """Set when the command ended because its session closed: the session's close reason
+    (``max_duration``, ``idle_timeout``, ``closed_by_user``, ``agent_disconnected`` ...)."""
 
 
 class ExecCancelled(BaseModel):
@@ -118,12 +121,16 @@ class ExitFields(BaseModel):
 
 class StreamExit(ExitFields):
     event: Literal["exit"] = "exit"
+    session_close_reason: str | None = None
+    """As in :class:`ExecResult`: why the session closed, when that ended the command."""
 
 
 class StreamError(BaseModel):
     event: Literal["error"] = "error"
     code: str
     message: str
+    session_close_reason: str | None = None
+    """With ``code`` ``session_closed``: why the session closed."""
 
 
 # ---------------------------------------------------------------- WebSocket, client -> server

@@ -9,8 +9,14 @@ Contract:
   session's activity) before anything is sent; any database failure there is 503
   ``database_unavailable`` and nothing is sent; a session no longer active (the reaper closed
   it after ``authorize``) is 409 ``conflict`` "session is <state>", rolled back, nothing sent.
+  ``authorize_and_audit`` is ``authorize`` and ``begin_audit`` in ONE transaction (the exec
+  path, :func:`authorize_and_start`): the same 403/404/409 refusals with the same messages (and
+  nothing written), the same 503, the row committed before anything is sent. On SQLite its
+  ``BEGIN IMMEDIATE`` holds the write lock from the check to the commit; on PostgreSQL the
+  activity ``UPDATE ... WHERE state = 'active'`` is the check, so a close that commits first
+  is seen as 409.
   ``complete_audit`` fills in the end (exit reason or refusal code, exit code, duration, bytes,
-  truncated) on a fresh database session.
+  truncated) on a fresh database session, in one statement (no ``BEGIN`` on SQLite).
 - ``start_command`` subscribes to ``session.<id>.up`` BEFORE it sends ``terminal.command``, then
   waits ``exec_start_timeout_s`` for ``terminal.started``. Refusals map through
   :func:`..errors.work_refusal` (409 ``agent_offline``, 422 ``cwd_not_allowed`` /
@@ -21,15 +27,17 @@ Contract:
   ``TerminalExit`` itself (last event), or ``Lost`` (last event) when no exit frame came within
   ``timeout_s + exec_grace_s`` (``agent_timeout``) or within ``exec_close_grace_s`` after the
   session stopped being active (``session_closed``; checked every ``session_watch_interval_s``
-  and on a ``tunnel.closed`` frame). Frames of other channels are ignored.
+  and on a ``tunnel.closed`` frame). Frames of other channels are ignored. A command ended by
+  the session's close (exit reason or error ``session_closed``) carries the session's
+  ``close_reason`` (``run.session_close_reason``: ``max_duration``, ``idle_timeout`` ...).
 - A run that is abandoned before its end (client gone, reader stalled, response cancelled or
   never started: ``CommandRun.abandon()``, idempotent) publishes ``terminal.cancel`` and hands its
   subscription to a background task that waits at most ``exec_close_grace_s`` for the exit
   frame to complete the audit row (``client_gone`` when none came).
 - Cancellation never leaves an audit row open or a subscription registered: the start's steps
-  run under ``_guarded`` (a row or subscription acquired after the caller was cancelled is
-  released in the background) and every end (exit, loss, abandonment, refusal) is one shielded
-  background task.
+  (``begin_audit`` or ``authorize_and_audit``, then the subscription) run under ``_guarded`` (a
+  row or subscription acquired after the caller was cancelled is released in the background)
+  and every end (exit, loss, abandonment, refusal) is one shielded background task.
 - ``collect`` assembles a full result holding at most ``max_result_bytes`` of output
   (``truncated`` when more came).
 """
@@ -48,9 +56,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy import bindparam, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from gurutunnel_protocol import ErrorCode, new_id
@@ -67,11 +75,11 @@ from gurutunnel_protocol.messages import (
 from gurutunnel_protocol.messages import Terminal as TerminalCommand
 
 from ..audit.models import AuditAction, TunnelAudit
-from ..audit.service import record
+from ..audit.service import insert_row, record
 from ..auth.models import Role, Technician
 from ..bus import Bus, BusError, FramesDropped, SessionSubscription
 from ..config import ApiSettings
-from ..db import utcnow
+from ..db import unlocked, utcnow
 from ..errors import (
     AgentFailed,
     Conflict,
@@ -177,7 +185,8 @@ async def may_still_act(
     """Whether ``tech_id`` still may act in ``session_id`` (exists, not disabled, role admin or
     tech, and owner unless admin): re-checked by a live WebSocket, whose ticket was checked
     once."""
-    async with sessionmaker() as db, db.begin():
+    # two independent reads: no snapshot (nor SQLite's write lock) needed
+    async with sessionmaker() as db, unlocked(db):
         tech = (
             await db.execute(
                 select(col(Technician.role), col(Technician.disabled)).where(
@@ -199,7 +208,7 @@ async def session_state(
     sessionmaker: async_sessionmaker[AsyncSession], session_id: str
 ) -> tuple[str, str | None] | None:
     """(state, close_reason) of the session, None when it does not exist."""
-    async with sessionmaker() as db, db.begin():
+    async with sessionmaker() as db, unlocked(db):
         found = (
             await db.execute(
                 select(col(TechSession.state), col(TechSession.close_reason)).where(
@@ -223,11 +232,65 @@ def _touch(db: AsyncSession, session_id: str) -> Any:
 
 async def record_activity(sessionmaker: async_sessionmaker[AsyncSession], session_id: str) -> None:
     """``last_activity_at = now`` on the active session (input, resize, cancel)."""
-    async with sessionmaker() as db, db.begin():
+    async with sessionmaker() as db, unlocked(db):
         await _touch(db, session_id)
 
 
 # ---------------------------------------------------------------- audit
+# Built once (the cache key is memoized on the statement); SET columns come from the parameters.
+_TOUCH_RETURNING = (
+    update(TechSession)
+    .where(
+        col(TechSession.id) == bindparam("session_id_"),
+        col(TechSession.state) == SessionState.ACTIVE.value,
+    )
+    .returning(col(TechSession.agent_id), col(TechSession.tech_id))
+)
+_STATE_AND_OWNER = select(col(TechSession.state), col(TechSession.tech_id)).where(
+    col(TechSession.id) == bindparam("session_id_")
+)
+_COMPLETE_AUDIT = update(TunnelAudit).where(
+    col(TunnelAudit.id) == bindparam("audit_id_"), col(TunnelAudit.ended_at).is_(None)
+)
+
+
+async def _claim_session(
+    conn: AsyncConnection, *, session_id: str, tech_id: str, role: str | None
+) -> str:
+    """Record the activity of the active session in the caller's write transaction; its agent
+    id. With ``role`` (the actor not authorized yet): 404 ``not_found``, 403 ``forbidden``
+    unless owner or admin, 409 "session is <state>", in :func:`authorize_ids`'s order. Without
+    (already authorized): 409 "session is <state>" when it is no longer active. The caller rolls
+    back on any of these."""
+    touched = (
+        await conn.execute(
+            _TOUCH_RETURNING, {"session_id_": session_id, "last_activity_at": utcnow()}
+        )
+    ).first()
+    owner_ok = role is None or role == Role.ADMIN.value
+    if touched is not None:
+        if not owner_ok and touched[1] != tech_id:
+            raise Forbidden("only the session's owner or an admin may act in it")
+        return str(touched[0])
+    found = (await conn.execute(_STATE_AND_OWNER, {"session_id_": session_id})).first()
+    if role is not None:
+        if found is None:
+            raise NotFound("session not found")
+        if not owner_ok and found[1] != tech_id:
+            raise Forbidden("only the session's owner or an admin may act in it")
+    # the reaper (or a close) got there first: roll back, send nothing
+    raise Conflict(f"session is {found[0] if found is not None else 'closed'}")
+
+
+def _database_unavailable(session_id: str, exc: BaseException) -> DatabaseUnavailable:
+    # whatever the database's trouble (gone, read-only, table missing), no audit: no send
+    log.warning(
+        "audit row not written; nothing sent",
+        extra={"session_id": session_id, "error": type(exc).__name__},
+    )
+    return DatabaseUnavailable("the audit row could not be written; nothing was sent")
+
+
 async def begin_audit(
     sessionmaker: async_sessionmaker[AsyncSession],
     *,
@@ -242,34 +305,51 @@ async def begin_audit(
     ``columns`` sets more columns of the row (the file columns of a transfer)."""
     try:
         async with sessionmaker() as db, db.begin():
-            row = record(
-                db,
+            conn = await db.connection()
+            await _claim_session(conn, session_id=ref.session_id, tech_id=ref.tech_id, role=None)
+            return await insert_row(
+                conn,
                 actor=ref.tech_id,
                 action=action,
                 agent_id=ref.agent_id,
                 session_id=ref.session_id,
                 detail=detail,
+                columns={"channel_id": channel_id, **(columns or {})},
             )
-            row.channel_id = channel_id
-            for name, value in (columns or {}).items():
-                setattr(row, name, value)
-            touched = await _touch(db, ref.session_id)
-            if getattr(touched, "rowcount", 0) != 1:
-                # the reaper (or a close) got there first: roll back, send nothing
-                state = await db.scalar(
-                    select(col(TechSession.state)).where(col(TechSession.id) == ref.session_id)
-                )
-                raise Conflict(f"session is {state or 'closed'}")
-            await db.flush()
-            assert row.id is not None
-            return row.id
     except (sa_exc.SQLAlchemyError, OSError) as exc:
-        # whatever the database's trouble (gone, read-only, table missing), no audit: no send
-        log.warning(
-            "audit row not written; nothing sent",
-            extra={"session_id": ref.session_id, "error": type(exc).__name__},
-        )
-        raise DatabaseUnavailable("the audit row could not be written; nothing was sent") from None
+        raise _database_unavailable(ref.session_id, exc) from None
+
+
+async def authorize_and_audit(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    session_id: str,
+    tech_id: str,
+    role: str,
+    action: AuditAction,
+    channel_id: str,
+    detail: dict[str, Any] | None,
+) -> tuple[SessionRef, int]:
+    """:func:`authorize_ids` and :func:`begin_audit` in ONE transaction: the same refusals
+    (403/404/409, nothing written) and the same 503; the ref and the committed row's id."""
+    if role not in ACTING_ROLES:
+        raise Forbidden("only a technician or an admin may act in a session")
+    try:
+        async with sessionmaker() as db, db.begin():
+            conn = await db.connection()
+            agent_id = await _claim_session(conn, session_id=session_id, tech_id=tech_id, role=role)
+            audit_id = await insert_row(
+                conn,
+                actor=tech_id,
+                action=action,
+                agent_id=agent_id,
+                session_id=session_id,
+                detail=detail,
+                columns={"channel_id": channel_id},
+            )
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise _database_unavailable(session_id, exc) from None
+    return SessionRef(session_id=session_id, agent_id=agent_id, tech_id=tech_id), audit_id
 
 
 async def complete_audit(
@@ -293,14 +373,10 @@ async def complete_audit(
             "truncated": exit_frame.truncated if truncated is None else truncated,
         }
     try:
-        async with sessionmaker() as db, db.begin():
-            await db.execute(
-                update(TunnelAudit)
-                .where(col(TunnelAudit.id) == audit_id, col(TunnelAudit.ended_at).is_(None))
-                .values(**values)
-                # no ORM object of the row lives in this session: skip matching them in Python
-                .execution_options(synchronize_session=False)
-            )
+        # one statement: its own transaction, no BEGIN IMMEDIATE round trips on SQLite
+        async with sessionmaker() as db, unlocked(db):
+            conn = await db.connection()
+            await conn.execute(_COMPLETE_AUDIT, {"audit_id_": audit_id, **values})
     except Exception as exc:
         log.warning("audit row not completed", extra={"error": type(exc).__name__})
 
@@ -351,7 +427,7 @@ def command_detail(spec: CommandSpec) -> dict[str, Any]:
 
 async def running_command_exists(db: AsyncSession, *, session_id: str, channel_id: str) -> bool:
     """A ``command.run`` row of this session and channel that has not ended."""
-    async with db.begin():
+    async with unlocked(db):
         found = await db.scalar(
             select(col(TunnelAudit.id))
             .where(
@@ -541,6 +617,41 @@ async def start_command(
         channel_id=channel_id,
         detail=command_detail(spec),
     )
+    return await _send_command(ctx, ref=ref, spec=spec, channel_id=channel_id, audit_id=audit_id)
+
+
+async def authorize_and_start(
+    ctx: WorkContext, *, session_id: str, tech: Technician, spec: CommandSpec
+) -> tuple[CommandRun, StartedCommand]:
+    """:func:`start_command` whose authorization and audit row are one transaction
+    (:func:`authorize_and_audit`, run under ``_guarded``): the exec path."""
+    channel_id = new_id()
+    tech_id, role = tech.id, tech.role  # plain values before any await
+
+    async def close_row(started: tuple[SessionRef, int]) -> None:
+        await complete_audit(ctx.sessionmaker, started[1], reason=ExitReason.CANCELLED.value)
+
+    ref, audit_id = await _guarded(
+        ctx,
+        authorize_and_audit(
+            ctx.sessionmaker,
+            session_id=session_id,
+            tech_id=tech_id,
+            role=role,
+            action=AuditAction.COMMAND_RUN,
+            channel_id=channel_id,
+            detail=command_detail(spec),
+        ),
+        close_row,
+        name=f"audit-{channel_id}",
+    )
+    return await _send_command(ctx, ref=ref, spec=spec, channel_id=channel_id, audit_id=audit_id)
+
+
+async def _send_command(
+    ctx: WorkContext, *, ref: SessionRef, spec: CommandSpec, channel_id: str, audit_id: int
+) -> tuple[CommandRun, StartedCommand]:
+    """Subscribe, send ``terminal.command``, wait for ``terminal.started`` (audit row written)."""
     sub: SessionSubscription | None = None
     try:
         sub = await _guarded(
@@ -651,6 +762,9 @@ class CommandRun:
         self.started_at = started_at
         self.dropped = 0
         self.api_truncated = False
+        self.session_close_reason: str | None = None
+        """Why the session closed, when the command ended because it did (``max_duration``,
+        ``idle_timeout``, ``closed_by_user`` ...): the technician's result and stream carry it."""
         self._ending: asyncio.Task[None] | None = None
 
     @property
@@ -729,21 +843,34 @@ class CommandRun:
             for event in self.tracker.accept(frame):
                 if isinstance(event, TerminalExit):
                     await asyncio.shield(self._end(self._complete(event)))
+                    if event.reason == ExitReason.SESSION_CLOSED:
+                        await self._learn_close_reason()
                     yield event
                     return
                 yield event
 
-    async def _session_active(self) -> bool:
+    async def _read_state(self) -> tuple[bool, tuple[str, str | None] | None]:
+        """(the database answered, (state, close_reason) or None when no such session)."""
         try:
             found = await asyncio.wait_for(
                 session_state(self.ctx.sessionmaker, self.ref.session_id),
                 self.ctx.settings.request_timeout_s,
             )
         except Exception as exc:
-            # the database does not answer: the command's own deadline still bounds the wait
-            log.info("session check failed", extra={"error": type(exc).__name__})
-            return True
-        return found is not None and found[0] == SessionState.ACTIVE.value
+            log.info("session state not read", extra={"error": type(exc).__name__})
+            return False, None
+        return True, found
+
+    async def _learn_close_reason(self) -> None:
+        """Read why the session closed (the close is committed before the agent is told)."""
+        _, found = await self._read_state()
+        if found is not None and found[0] != SessionState.ACTIVE.value:
+            self.session_close_reason = found[1]
+
+    async def _session_active(self) -> bool:
+        answered, found = await self._read_state()
+        # the database does not answer: the command's own deadline still bounds the wait
+        return not answered or (found is not None and found[0] == SessionState.ACTIVE.value)
 
     async def _complete(self, exit_frame: TerminalExit) -> None:
         try:
@@ -760,6 +887,8 @@ class CommandRun:
 
     async def _lost(self, code: ErrorCode, message: str) -> Lost:
         await asyncio.shield(self._end(self._cleanup_lost(code)))
+        if code == ErrorCode.SESSION_CLOSED:
+            await self._learn_close_reason()
         return Lost(code, message)
 
     async def _cleanup_lost(self, code: ErrorCode) -> None:
@@ -854,6 +983,7 @@ def _result(
             stderr_bytes=len(err),
             gaps=gaps,
             error=error,
+            session_close_reason=run.session_close_reason,
         )
     return ExecResult(
         channel_id=run.channel_id,
@@ -868,4 +998,5 @@ def _result(
         stderr_bytes=exit_frame.stderr_bytes,
         gaps=gaps,
         error=exit_frame.error,
+        session_close_reason=run.session_close_reason,
     )

@@ -68,6 +68,8 @@ def serve(
         # tokens travel in headers only, but keep request lines out of the log anyway
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        # uvicorn offers it by default; here a setting (see ApiSettings.ws_per_message_deflate)
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         # root, uvicorn and uvicorn.error all write JSON through gurutunnel_api.logs
         log_config=uvicorn_log_config(settings.log_level),
     )

@@ -127,10 +127,19 @@ class ApiSettings(BaseSettings):
     ws_ticket_ttl_s: float = Field(default=30.0, gt=0)
     ws_send_queue_max: int = Field(default=1024, ge=1)
     """Messages queued for one technician WebSocket; a reader slower than that is closed (1013)."""
-    ws_send_queue_max_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
-    """Bytes queued for one technician WebSocket (the memory a stalled reader can hold here)."""
+    ws_send_queue_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
+    """Bytes queued for one technician WebSocket (the memory a stalled reader can hold here).
+    It only absorbs a reader's hiccups behind the kernel's socket buffers (several MB on a
+    local link): nothing slows the agent down, so a reader slower than the output overflows
+    any bound, only later. Each MiB here is a MiB of every stalled session's cost."""
     ws_send_timeout_s: float = Field(default=10.0, gt=0)
     """Bound of one WebSocket send (and of the close handshake of a socket being dropped)."""
+    ws_per_message_deflate: bool = False
+    """Offer permessage-deflate (RFC 7692) on the technician WebSocket. Off by default: output
+    travels as base64 in JSON, so random or already compressed output shrinks by only ~23% for
+    ~30 ms of API CPU per MB (zlib on the event loop, the API's bottleneck when streaming);
+    terminal text shrinks ~5x (to ~0.3x the raw output) at about half that cost. Turn it on
+    when technicians read mostly text over slow links and the API has CPU to spare."""
     ws_max_channels: int = Field(default=16, ge=1)
     """Channels (commands and shells) one WebSocket may run at once."""
 

@@ -11,7 +11,12 @@ Contract (messages in :mod:`.schemas`):
   ``ws_send_queue_max_bytes``, whichever comes first; one message larger than the byte bound
   still passes alone) drained by one writer task, each send bounded by ``ws_send_timeout_s``.
   A technician who stops reading fills it and the socket is closed with 1013 ("try again
-  later": the server dropped a client that could not keep up) instead of growing memory.
+  later": the server dropped a client that could not keep up) instead of growing memory: at
+  the overflow the queued messages are dropped and the socket ends at once (its channels are
+  handed over as below), without waiting for the stuck send's timeout. A reader thus sees
+  every chunk in ``seq`` order, gaps, and then 1013: never bytes lost silently. ``chunk``
+  messages are built as text directly (:func:`chunk_text`, the model's exact text): they are
+  the per-output-chunk cost of a stream.
 - Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
   than ``ws_max_channels`` channels gets ``error{too_many_channels}`` (a slot is reserved by the
   reader before any await, so a burst cannot pass the limit).
@@ -33,6 +38,7 @@ Contract (messages in :mod:`.schemas`):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -48,6 +54,7 @@ from gurutunnel_protocol import ErrorCode, new_id
 from gurutunnel_protocol.messages import (
     ChannelClose,
     ChannelOpened,
+    OutputStream,
     ShellOpen,
     ShellResize,
     TerminalCancel,
@@ -67,7 +74,6 @@ from ..sessions.models import SessionState
 from . import service
 from .schemas import (
     WsCancelIn,
-    WsChunkOut,
     WsErrorOut,
     WsExecIn,
     WsExitOut,
@@ -136,6 +142,8 @@ class TechSocket:
         self._reserved = 0
         """Channels accepted by the reader whose ``_open`` has not registered them yet."""
         self._close_requested = False
+        self._overflow = asyncio.Event()
+        """Set when the queue overflowed: ``run`` ends the socket at once (see ``send``)."""
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -149,6 +157,9 @@ class TechSocket:
             asyncio.create_task(self._reader(), name="ws-reader"),
             asyncio.create_task(self._dispatcher(self._sub), name="ws-dispatch"),
             asyncio.create_task(self._watcher(), name="ws-watch"),
+            # the writer may be stuck in a send to a reader who stopped reading: an overflow
+            # ends the socket now, not after ws_send_timeout_s of buffering frames meanwhile
+            asyncio.create_task(self._overflow.wait(), name="ws-overflow"),
         ]
         try:
             await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
@@ -172,7 +183,10 @@ class TechSocket:
         """Queue a message; a full queue drops the socket (1013), never the bus."""
         if self.overflowed:
             return
-        text = ws_text(message)
+        self._put(ws_text(message))
+
+    def _put(self, text: str) -> None:
+        """Queue one message's text (see ``send``)."""
         # bounded in bytes too: a thousand 32 KiB output chunks would be ~45 MB per socket
         too_big = self._queued_chars and (
             self._queued_chars + len(text) > self.s.ws_send_queue_max_bytes
@@ -183,29 +197,38 @@ class TechSocket:
             self.queue.put_nowait(text)
             self._queued_chars += len(text)
         except asyncio.QueueFull:
-            self.overflowed = True
-            log.warning(
-                "technician websocket not reading; closing it",
-                extra={"session_id": self.ref.session_id},
-            )
-            # wake the writer so it ends and the socket closes with 1013
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()
-            self.queue.put_nowait(_Close(CLOSE_TRY_AGAIN_LATER, "send queue overflow"))
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        """The reader fell too far behind: drop what is queued (the socket closes with 1013,
+        so nothing is lost silently) and end the socket at once."""
+        self.overflowed = True
+        log.warning(
+            "technician websocket not reading; closing it",
+            extra={"session_id": self.ref.session_id},
+        )
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self._queued_chars = 0
+        self.queue.put_nowait(_Close(CLOSE_TRY_AGAIN_LATER, "send queue overflow"))
+        self._overflow.set()
 
     async def _writer(self) -> None:
+        send = self.ws.send
+        timeout_s = self.s.ws_send_timeout_s
         while True:
             item = await self.queue.get()
-            if isinstance(item, str):
-                self._queued_chars -= len(item)
             if isinstance(item, _Close):
                 if item.code == CLOSE_TRY_AGAIN_LATER:
                     self.overflowed = True
                     return  # run() closes with 1013 without waiting on the stuck transport
                 await self._close_now(item.code, item.reason)
                 return
+            self._queued_chars -= len(item)
             try:
-                await asyncio.wait_for(self.ws.send_text(item), self.s.ws_send_timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for runs each send in a new task
+                async with asyncio.timeout(timeout_s):
+                    await send({"type": "websocket.send", "text": item})
             except TimeoutError:
                 self.overflowed = True  # the technician does not read: 1013
                 return
@@ -467,14 +490,8 @@ class TechSocket:
     def _route(self, channel: _Channel, frame: TerminalChunk | TerminalExit) -> None:
         for event in channel.tracker.accept(frame):
             if isinstance(event, Chunk):
-                self.send(
-                    WsChunkOut(
-                        channel_id=channel.channel_id,
-                        seq=event.seq,
-                        stream=event.stream,
-                        data=event.data,
-                    )
-                )
+                if not self.overflowed:
+                    self._put(chunk_text(channel.channel_id, event.seq, event.stream, event.data))
             elif isinstance(event, Gap):
                 self.send(
                     WsGapOut(
@@ -641,6 +658,17 @@ class TechSocket:
                 await self._end_audit(channel, reason="client_gone", exit_frame=None)
         finally:
             await sub.close()
+
+
+def chunk_text(channel_id: str, seq: int, stream: OutputStream, data: bytes) -> str:
+    """``ws_text(WsChunkOut(...))`` without building the model: the one message of a stream,
+    so its cost is per output chunk (the same text; a test holds them equal). ``channel_id``
+    is an id this API made (``new_id``: hex) and ``stream`` an enum value: neither needs JSON
+    escaping."""
+    return (
+        f'{{"type":"chunk","channel_id":"{channel_id}","seq":{seq},'
+        f'"stream":"{stream.value}","data":"{base64.b64encode(data).decode("ascii")}"}}'
+    )
 
 
 def _first_error(exc: ValidationError) -> str:

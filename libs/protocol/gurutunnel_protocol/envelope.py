@@ -2,6 +2,8 @@
 
 Contract:
 - ``encode(frame) -> bytes``: compact UTF-8 JSON (``model_dump_json``).
+- ``encode_spliced(envelope, fields, frame_json) -> bytes``: an envelope (``SessionUp``,
+  ``CommandReply``) around a frame's JSON as it was received and validated, not re-encoded.
 - ``decode_*(raw) -> model``: ``raw`` is ``bytes`` or ``str`` of JSON; one module-level
   ``TypeAdapter`` per union validates it in one pass (``validate_json``). Any failure raises
   :class:`ProtocolError` with ``UNSUPPORTED_VERSION``, ``UNKNOWN_TYPE`` or ``MALFORMED_FRAME``,
@@ -15,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -55,6 +58,28 @@ def encode(frame: BaseModel) -> bytes:
 def encode_text(frame: BaseModel) -> str:
     """Serialize a message to a JSON string (for WebSocket text frames)."""
     return frame.model_dump_json()
+
+
+def encode_spliced(
+    envelope: type[BaseModel], fields: Mapping[str, str | int], frame_json: str | bytes
+) -> bytes:
+    """JSON of ``envelope`` with ``fields`` and ``frame_json`` spliced in as its ``frame``.
+
+    For forwarding an agent frame without re-encoding it (base64 payloads included): the caller
+    must have decoded ``frame_json`` with this module into a model that the envelope's
+    ``frame`` field accepts. A receiver then validates the very text the caller validated, with
+    the same models, so it gets the same frame: duplicate keys resolve the same way, unknown
+    fields are ignored the same way (they travel on, like every field of a newer peer within
+    the same protocol version). ``fields`` are the envelope's other fields, never ``type`` or
+    ``v`` (set here) or ``frame``."""
+    if "frame" in fields or "type" in fields or "v" in fields:
+        raise ValueError("fields must not hold type, v or frame")
+    tag = envelope.model_fields["type"].default
+    head = json.dumps(
+        {"type": tag, "v": PROTOCOL_VERSION, **fields}, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    raw = frame_json.encode() if isinstance(frame_json, str) else frame_json
+    return b"".join((head[:-1], b',"frame":', raw, b"}"))
 
 
 def _classify(raw: bytes | str, exc: ValidationError) -> ProtocolError:

@@ -79,6 +79,9 @@ async def _connect(**options: Any) -> NatsClient:
     return nc
 
 
+_FLUSHER_TURNS = 50
+"""Loop turns a subscription round trip waits at most for nats-py's flusher to write the SUBs."""
+
 MessageHandler = Callable[[bytes, str | None], Awaitable[None]]
 """Called with (payload, reply subject or None) for each message of a subscription."""
 
@@ -156,6 +159,7 @@ class NatsBus:
         self._on_reconnected = on_reconnected  # counts reconnects (metrics)
         self._nc: Any = None
         self._flushes: set[asyncio.Task[None]] = set()  # see publish_flushed
+        self._sub_round_trip: asyncio.Task[None] | None = None  # see _subscriptions_flushed
         self._js: Any = None
         self._watcher: Any = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -293,6 +297,9 @@ class NatsBus:
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
+        if self._sub_round_trip is task:
+            # cancelled before its first step (close()): the next subscribe starts a new one
+            self._sub_round_trip = None
         if not task.cancelled():
             task.exception()  # retrieved: a late failure is not worth a warning
 
@@ -323,11 +330,56 @@ class NatsBus:
 
         try:
             sub = await self._nc.subscribe(subject, cb=on_message)
-            # The server knows the interest once the flush returns: subscribe-before-publish.
-            await self._nc.flush(timeout=self._settings.publish_timeout_s)
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
+        # The server knows the interest once a PING sent after the SUB is answered:
+        # subscribe-before-publish.
+        await self._subscriptions_flushed()
         return _NatsSubscription(sub)
+
+    async def _subscriptions_flushed(self) -> None:
+        """Wait for a PING/PONG round trip that follows every SUB queued so far.
+
+        One round trip serves every subscription made in the same loop turn (a reconnect storm
+        subscribes thousands of command subjects: one PING each was most of the handshake's bus
+        work). The shared round trip is never cancelled by a waiter (see ``publish_flushed``
+        for why a cancelled flush is harmful); a waiter gives up after ``publish_timeout_s``."""
+        task = self._sub_round_trip
+        if task is None:
+            task = asyncio.create_task(self._round_trip(), name="nats-sub-flush")
+            self._sub_round_trip = task
+            self._flushes.add(task)
+            task.add_done_callback(self._flush_done)
+        timeout_s = self._settings.publish_timeout_s
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            raise BusTimeout(f"no flush round trip within {timeout_s:g}s")
+        if task.cancelled():
+            # the bus is closing; a waiter that was not cancelled must not see CancelledError
+            raise BusUnavailable("bus closed during the subscription round trip")
+        failure = task.exception()
+        if failure is not None:
+            raise _translate(failure) if not isinstance(failure, BusError) else failure
+
+    async def _round_trip(self) -> None:
+        # Subscriptions queued from here on wait for the next round trip.
+        self._sub_round_trip = None
+        # nats-py queues a SUB for its flusher task (woken by the subscribe, so before this
+        # task) but writes a PING straight to the socket: let the flusher write the SUBs first,
+        # else the PONG could come back before the server saw them. Bounded: a flusher stuck
+        # in a congested drain for longer lets the PING go first (as a plain flush() would).
+        for _ in range(_FLUSHER_TURNS):
+            await asyncio.sleep(0)
+            if not getattr(self._nc, "_pending_data_size", 0):
+                break
+        s = self._settings
+        guard_s = max(
+            s.publish_timeout_s, s.nats_ping_interval_s * (s.nats_max_outstanding_pings + 2)
+        )
+        try:
+            await self._nc.flush(timeout=guard_s)
+        except _NATS_ERRORS as exc:
+            raise _translate(exc) from None
 
     async def watch_revocations(
         self, handler: RevocationHandler, *, snapshot_timeout_s: float

@@ -9,6 +9,7 @@ them is required. Settings are built in ``main()`` (or by a test), never at impo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,9 @@ class GatewaySettings(BaseSettings):
     agent_public_key: SecretStr | None = None
     gateway_id: str = Field(default_factory=new_id)
     log_level: str = "INFO"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """``auto``: uvloop where it is installed (a dependency except on Windows), else asyncio's
+    own loop; ``uvloop`` refuses to start without it; ``asyncio`` never uses it."""
 
     # agent socket limits
     max_frame_bytes: int = Field(default=1 << 20, gt=0)
@@ -40,7 +44,20 @@ class GatewaySettings(BaseSettings):
     """Pending TCP connections the kernel queues for the listener (asyncio's default, 100, turns
     a reconnect storm after a gateway loss into SYN retries that cost agents whole seconds;
     the kernel caps it at net.core.somaxconn)."""
+    compression: Literal["deflate", "none"] = "none"
+    """permessage-deflate (RFC 7692) on agent sockets when the agent offers it (``deflate``),
+    or never (``none``, the default). Off by default: a tunnel compresses technician input and
+    secrets in one context (a compression-oracle risk, as CRIME/BREACH over TLS); command output
+    and file chunks travel as base64 of often incompressible bytes; it cost about a quarter of
+    the gateway's CPU per command (and the agent's) and a zlib state per idle socket. Turn it on
+    for agents on slow metered links whose output is mostly text."""
     open_timeout_s: float = Field(default=10.0, gt=0)
+    max_concurrent_handshakes: int = Field(default=16, gt=0)
+    """Upgrades between the credential check and their acknowledged ``presence.connected`` (101,
+    command subscription, welcome, presence publish) in progress at once; more wait in arrival
+    order (within ``open_timeout_s``). A reconnect storm then costs the sockets already served
+    a few set-ups' worth of loop time per turn instead of thousands; 16 set-ups, each waiting on
+    NATS round trips, still keep a core busy (1,000 agents back as fast as a bare server)."""
     ping_interval_s: float = Field(default=10.0, gt=0)
     ping_timeout_s: float = Field(default=10.0, gt=0)
     close_timeout_s: float = Field(default=5.0, gt=0)

@@ -39,6 +39,10 @@ Contract (docs/design.md "Agent socket" and "Bus"):
   the same way; the loop goes on.
 - Identity (``agent_id``) comes from the credential; every publication is stamped with it and
   with ``conn_id``, ``gateway_id`` and ``boot_id``.
+- Frames are validated once and forwarded as received: an agent frame goes into its
+  ``SessionUp`` / ``CommandReply`` as the JSON text the gateway validated
+  (``envelope.encode_spliced``; the receiver decodes the same text with the same models), a
+  command or session input from the API goes to the agent as the bytes it validated.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from gurutunnel_protocol.envelope import (
     decode_agent_command,
     decode_agent_to_server,
     encode,
+    encode_spliced,
     encode_text,
 )
 from gurutunnel_protocol.messages import (
@@ -181,6 +186,14 @@ def _where(exc: BaseException) -> str:
     return f"{last.filename}:{last.lineno} in {last.name}"
 
 
+def _text(payload: bytes, frame: Frame) -> str:
+    """``payload`` (the JSON ``frame`` was validated from) as text; re-encoded if not UTF-8."""
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        return encode_text(frame)
+
+
 @dataclass(slots=True)
 class _CloseRequest:
     code: int
@@ -230,6 +243,8 @@ class AgentConnection:
         self._presence_lost = False
         self._newest_notice_seq = 0
         """Highest sequence another connection announced before ours was known."""
+        self._frame_json: str | None = None
+        """The JSON text of the agent frame being handled, as received and validated."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -269,12 +284,16 @@ class AgentConnection:
     def pending_requests(self) -> int:
         return len(self._pending)
 
-    def send(self, frame: Frame) -> bool:
-        """Queue a frame for the agent; on overflow close with BACKPRESSURE and return False."""
+    def send(self, frame: Frame, *, as_received: bytes | None = None) -> bool:
+        """Queue a frame for the agent; on overflow close with BACKPRESSURE and return False.
+
+        ``as_received``: the JSON that ``frame`` was decoded from (a command from the API),
+        sent as it is rather than encoded again."""
         if self.closing:
             return False
+        text = encode_text(frame) if as_received is None else _text(as_received, frame)
         try:
-            self._queue.put_nowait(encode_text(frame))
+            self._queue.put_nowait(text)
         except asyncio.QueueFull:
             log.warning("send queue overflow", extra=self._extra())
             self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
@@ -308,8 +327,11 @@ class AgentConnection:
         await self.ws.close(request.code, request.text)
 
     async def _reply(self, reply: str, message: Frame) -> None:
+        await self._reply_bytes(reply, encode(message))
+
+    async def _reply_bytes(self, reply: str, payload: bytes) -> None:
         try:
-            await self._deps.bus.publish(reply, encode(message))
+            await self._deps.bus.publish(reply, payload)
         except BusError as exc:
             log.warning("reply not published: %s", exc, extra=self._extra())
 
@@ -332,10 +354,17 @@ class AgentConnection:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, *, admitted: Callable[[AgentConnection], None] | None = None) -> None:
+    async def run(
+        self,
+        *,
+        admitted: Callable[[AgentConnection], None] | None = None,
+        set_up: Callable[[], None] | None = None,
+    ) -> None:
         """Serve the socket until it ends; always publishes the disconnect on the way out.
 
-        ``admitted`` is called right after the hub registration (it may close the connection).
+        ``admitted`` is called right after the hub registration (it may close the connection),
+        ``set_up`` once ``presence.connected`` is acknowledged by the stream (or given up),
+        the end of the connection's set-up (the welcome is queued before).
         """
         subjects = self._deps.subjects
         connected: asyncio.Task[None] | None = None
@@ -367,7 +396,7 @@ class AgentConnection:
             event = AgentConnected(
                 **self._stamp(), event_id=new_id(), at=_now(), remote_addr=self._remote_addr
             )
-            connected = asyncio.create_task(self._announce(event))
+            connected = asyncio.create_task(self._announce(event, published=set_up))
             log.info("agent connected", extra=self._extra())
             await self._read()
         finally:
@@ -414,7 +443,19 @@ class AgentConnection:
                 ErrorCode.RATE_LIMITED,
                 f"more than {self._settings.max_frames_per_s:g} control frames/s; frame dropped",
             )
-        await self._on_agent_frame(frame)
+        self._frame_json = message
+        try:
+            await self._on_agent_frame(frame)
+        finally:
+            self._frame_json = None
+
+    def _enveloped(self, envelope: type[Frame], frame: Frame, **fields: str | int) -> bytes:
+        """``envelope`` (stamped) around ``frame``: the agent's validated JSON spliced in when
+        ``frame`` is the frame being handled (no re-encoding), else ``frame`` encoded."""
+        raw = self._frame_json
+        if raw is None:
+            return encode(envelope(**self._stamp(), **fields, frame=frame))
+        return encode_spliced(envelope, {**self._stamp(), **fields}, raw)
 
     async def _write(self) -> None:
         traffic = self._deps.metrics.traffic
@@ -494,9 +535,17 @@ class AgentConnection:
 
     # ------------------------------------------------------------------ takeover
 
-    async def _announce(self, event: AgentConnected) -> None:
-        """Publish ``presence.connected``, learn its sequence, then claim the agent."""
-        seq = await self._publish_presence(event)
+    async def _announce(
+        self, event: AgentConnected, *, published: Callable[[], None] | None = None
+    ) -> None:
+        """Publish ``presence.connected``, learn its sequence, then claim the agent.
+
+        ``published`` is called once the publish is acknowledged or given up."""
+        try:
+            seq = await self._publish_presence(event)
+        finally:
+            if published is not None:
+                published()
         if seq is None:
             # Without a sequence this connection cannot be ordered: any connection that has one
             # wins (a notice seen meanwhile, or one arriving later, supersedes it).
@@ -637,7 +686,7 @@ class AgentConnection:
             kind=frame.type,
             session_id=frame.session_id,
         )
-        if not self.send(frame):
+        if not self.send(frame, as_received=payload):
             self._pending.pop(frame.req_id, None)
             await self._fail(reply, ErrorCode.AGENT_BACKPRESSURE, "agent send queue is full")
 
@@ -660,7 +709,7 @@ class AgentConnection:
                     reply, ErrorCode.MALFORMED_FRAME, f"{frame.type} not allowed on this subject"
                 )
             return
-        self.send(frame)
+        self.send(frame, as_received=payload)
 
     # ------------------------------------------------------------------ agent -> bus
 
@@ -710,9 +759,9 @@ class AgentConnection:
         self._errors = 0
         seq = held.seq
         held.seq += 1  # consumed even if the publish fails: the receiver sees the gap
-        up = SessionUp(**self._stamp(), session_id=session_id, seq=seq, frame=frame)
+        up = self._enveloped(SessionUp, frame, session_id=session_id, seq=seq)
         try:
-            await self._deps.bus.publish(self._deps.subjects.session_up(session_id), encode(up))
+            await self._deps.bus.publish(self._deps.subjects.session_up(session_id), up)
         except BusError as exc:
             log.warning("session frame not published: %s", exc, extra=self._extra(session_id))
         if isinstance(frame, TunnelClosed):
@@ -724,7 +773,7 @@ class AgentConnection:
             await self._fail(pending.reply, ErrorCode.BUS_UNAVAILABLE, "session not bound")
             self.send(TunnelClose(session_id=frame.session_id, reason="gateway_error"))
             return
-        await self._reply(pending.reply, CommandReply(**self._stamp(), frame=frame))
+        await self._reply_bytes(pending.reply, self._enveloped(CommandReply, frame))
         if isinstance(frame, TunnelClosed):
             await self._release(frame.session_id)
 

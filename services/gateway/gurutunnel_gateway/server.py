@@ -11,6 +11,15 @@ Contract:
   missing/repeated/invalid -> 401, revoked ->
   403, draining or NATS down -> 503, all with ``{"error": {"code", "message"}}`` and no socket.
   Any other path -> 404.
+- Handshake slots: at most ``max_concurrent_handshakes`` upgrades are between the credential
+  check and their ``presence.connected`` acknowledgement at once (the others wait, in arrival
+  order, within ``open_timeout_s``); a slot is taken after the credential check and given back
+  at the end of the set-up, when websockets refuses the upgrade after ``process_request``
+  (``process_response`` sees a status other than 101), when the handler ends, and at the
+  latest ``open_timeout_s`` after it was taken. A reconnect
+  storm then leaves the loop to the sockets already served (their commands stay fast).
+- The process runs on uvloop where installed (``event_loop``); agent sockets negotiate
+  permessage-deflate only with ``compression=deflate``.
 - Lease (close path 2, docs/design.md "Gateway leases"): ``start`` publishes a first
   ``GatewayHeartbeat`` on ``Subjects.gateway_heartbeat()`` before it listens, then one every
   ``heartbeat_interval_s``, each publish + flush bounded by ``heartbeat_timeout_s``. This boot
@@ -46,6 +55,7 @@ import signal
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -104,6 +114,35 @@ def _error(
     return _json_response(connection, status, {"error": {"code": code.value, "message": message}})
 
 
+class _HandshakeSlot:
+    """One of ``max_concurrent_handshakes`` permits; released once (idempotent).
+
+    Released once the connection's ``presence.connected`` is acknowledged (or given up), when
+    the upgrade is refused, when the handler ends, and at the latest ``open_timeout_s`` after
+    it was taken: a handshake that fails after ``process_request`` (the client went away
+    before the 101) never reaches the handler, and its slot must not leak."""
+
+    __slots__ = ("_released", "_semaphore", "_timer")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._released = True  # until acquired
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def acquire(self, hold_at_most_s: float) -> None:
+        await self._semaphore.acquire()
+        self._released = False
+        self._timer = asyncio.get_running_loop().call_later(hold_at_most_s, self.release)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._semaphore.release()
+
+
 class Gateway:
     """One gateway replica: bus, hub, WebSocket server and background loops."""
 
@@ -123,6 +162,10 @@ class Gateway:
         )
         self.draining = False
         self._identities: weakref.WeakKeyDictionary[ServerConnection, AgentIdentity] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._handshakes = asyncio.Semaphore(settings.max_concurrent_handshakes)
+        self._slots: weakref.WeakKeyDictionary[ServerConnection, _HandshakeSlot] = (
             weakref.WeakKeyDictionary()
         )
         self._server: Server | None = None
@@ -185,6 +228,7 @@ class Gateway:
             s.host,
             s.port,
             process_request=self._process_request,
+            process_response=self._process_response,
             max_size=s.max_frame_bytes,
             open_timeout=s.open_timeout_s,
             ping_interval=s.ping_interval_s,
@@ -192,6 +236,7 @@ class Gateway:
             close_timeout=s.close_timeout_s,
             server_header=None,
             backlog=s.listen_backlog,
+            compression="deflate" if s.compression == "deflate" else None,
         )
         if s.metrics_port is not None:
             self._ops_server = await serve(
@@ -341,21 +386,45 @@ class Gateway:
             )
             self.metrics.upgrade_refused(exc.status)
             return _error(connection, HTTPStatus(exc.status), exc.code, exc.message)
+        # A handshake slot from here until presence.connected is acknowledged: in a reconnect
+        # storm the sockets already served keep getting the loop (``max_concurrent_handshakes``);
+        # the others wait here, in arrival order. Taken after the credential check, so a refusal
+        # never queues and only a credentialed agent can hold a slot.
+        slot = _HandshakeSlot(self._handshakes)
+        await slot.acquire(self.settings.open_timeout_s)
         self._identities[connection] = identity
+        self._slots[connection] = slot
         self.metrics.upgrade_accepted()
         return None  # proceed with the upgrade
 
+    def _process_response(
+        self, connection: ServerConnection, _request: Request, response: Response
+    ) -> None:
+        """websockets may still refuse an upgrade after ``process_request`` (a bad
+        ``Sec-WebSocket-Key`` or version: 400; the server closing: 503); the handler then never
+        runs, so give the slot back here rather than after ``open_timeout_s``."""
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            self._identities.pop(connection, None)
+            slot = self._slots.pop(connection, None)
+            if slot is not None:
+                slot.release()
+
     async def _handle(self, ws: ServerConnection) -> None:
         identity = self._identities.pop(ws, None)
-        if identity is None:  # cannot happen: process_request ran first
-            await ws.close(CloseCode.UNAUTHORIZED, "unauthenticated")
-            return
-        remote = ws.remote_address
-        remote_addr = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else None
-        conn = AgentConnection(ws, identity, self._deps, remote_addr=remote_addr)
-        if self.draining:
-            return
-        await conn.run(admitted=self._admit)
+        slot = self._slots.pop(ws, None)
+        try:
+            if identity is None:  # cannot happen: process_request ran first
+                await ws.close(CloseCode.UNAUTHORIZED, "unauthenticated")
+                return
+            remote = ws.remote_address
+            remote_addr = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else None
+            conn = AgentConnection(ws, identity, self._deps, remote_addr=remote_addr)
+            if self.draining:
+                return
+            await conn.run(admitted=self._admit, set_up=None if slot is None else slot.release)
+        finally:
+            if slot is not None:
+                slot.release()
 
     def _admit(self, conn: AgentConnection) -> None:
         """Last checks once ``conn`` is in the hub, for what happened since the upgrade."""
@@ -590,6 +659,24 @@ async def run(settings: GatewaySettings) -> None:
     log.info("gateway stopped")
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop ``main`` runs on: uvloop for ``auto`` where it is installed (not on Windows),
+    None (asyncio's own loop) for ``asyncio`` or when uvloop is missing; ``uvloop`` demands it.
+
+    uvloop's loop and transports are C: much of the gateway's work per frame is loop and
+    transport overhead around small messages."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main() -> None:
     """``gurutunnel-gateway``: settings from ``GT_GATEWAY_*``; exit 1 on a startup failure."""
     try:
@@ -598,8 +685,14 @@ def main() -> None:
         print(f"gurutunnel-gateway: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    loop_factory = event_loop_factory(settings.event_loop)
+    log.info(
+        "event loop: %s",
+        "asyncio" if loop_factory is None else loop_factory.__module__.split(".")[0],
+    )
     try:
-        asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run(settings))
     except BusError as exc:
         log.error("bus unavailable at startup: %s", exc)
         raise SystemExit(1) from None

@@ -3,7 +3,8 @@
 ``python -m bench.baseline MODE ...`` runs one of:
 
 - ``gw PORT NATS_URL``: the naive bridge's gateway. A websockets server (the gateway's socket
-  settings: 1 MiB frames, 10 s pings) where a peer connects on ``/peer/<name>``; it subscribes
+  settings: 1 MiB frames, 10 s pings, no compression) where a peer connects on
+  ``/peer/<name>``; it subscribes
   ``bench.bridge.<name>.req`` and forwards each request to the peer, and the peer's answer back
   as the NATS reply. Stream frames of the peer are published on ``bench.bridge.<name>.up`` as
   they are. No authentication, no JSON, no validation, no sequence numbers, no presence.
@@ -44,6 +45,9 @@ REQUEST, REPLY, DATA, END = 1, 2, 3, 4
 MAX_FRAME_BYTES = 1 << 20
 PING_INTERVAL_S = 10.0
 PING_TIMEOUT_S = 10.0
+COMPRESSION = None
+"""The gateway's default (``GT_GATEWAY_COMPRESSION=none``): peers offer permessage-deflate like
+the real agent, and the server declines it, as the gateway does."""
 _HEAD = struct.Struct("!BI")
 
 
@@ -104,6 +108,7 @@ async def run_gw(port: int, nats_url: str) -> None:
         max_size=MAX_FRAME_BYTES,
         ping_interval=PING_INTERVAL_S,
         ping_timeout=PING_TIMEOUT_S,
+        compression=COMPRESSION,
     ):
         print("ready", flush=True)
         await _until_signal()
@@ -264,6 +269,7 @@ async def run_bare(port: int) -> None:
         max_size=MAX_FRAME_BYTES,
         ping_interval=PING_INTERVAL_S,
         ping_timeout=PING_TIMEOUT_S,
+        compression=COMPRESSION,
     ):
         print("ready", flush=True)
         await _until_signal()

@@ -101,9 +101,10 @@ def settings_used(profile: Profile) -> dict[str, Any]:
             "output": "pseudo-random bytes (incompressible)",
         },
         "baselines": {
-            "bridge_gateway": "websockets server, asyncio loop, max_size 1 MiB, pings 10 s",
+            "bridge_gateway": "websockets server, asyncio loop, max_size 1 MiB, pings 10 s, "
+            "no compression (the gateway's default)",
             "bridge_api": "bare ASGI app under uvicorn (uvloop, httptools), no framework",
-            "bare": "websockets server holding sockets, max_size 1 MiB, pings 10 s",
+            "bare": "websockets server holding sockets, max_size 1 MiB, pings 10 s, no compression",
             "ping_interval_s": baseline.PING_INTERVAL_S,
         },
     }

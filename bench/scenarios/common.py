@@ -24,6 +24,16 @@ Timed = Callable[[int], Awaitable[float]]
 """One measured call (its index): returns its latency in seconds."""
 
 
+async def bridge_rest_call(bench: Bench, name: str, verb: bytes, answer: bytes) -> float:
+    """One POST to the bridge's bare ASGI app (NATS request to its peer): its latency in s."""
+    t0 = time.perf_counter()
+    r = await bench.api.post(bench.bridge_http_url(name), content=verb)
+    elapsed = time.perf_counter() - t0
+    if r.status_code != 200 or r.content != answer:
+        raise RuntimeError(f"bridge {verb.decode()} failed: {r.status_code} {r.text[:100]}")
+    return elapsed
+
+
 async def interleaved(
     sides: dict[str, Timed], counts: dict[str, int], block: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -164,13 +174,32 @@ async def _watchdog(ws: ClientConnection, run: StreamRun) -> AsyncIterator[None]
         task.cancel()
 
 
+@dataclass
+class StartGate:
+    """Holds concurrent streams until every one of them is connected, then starts them
+    together (a fixed sleep let sockets still connecting on a busy API start late, which
+    counted their setup against their rate)."""
+
+    expected: int
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: int = 0
+    all_connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self) -> None:
+        """Called by a stream once its socket is open: returns at the start."""
+        self.connected += 1
+        if self.connected >= self.expected:
+            self.all_connected.set()
+        await self.go.wait()
+
+
 async def gurutunnel_stream(
     bench: Bench,
     session_id: str,
     total: int,
     chunk: int,
     *,
-    go: asyncio.Event | None = None,
+    go: StartGate | None = None,
     timeout_s: float = 300,
 ) -> StreamRun:
     """Run ``bench stream`` over the API's technician WebSocket and read everything."""
@@ -215,7 +244,7 @@ async def bridge_stream(
     total: int,
     chunk: int,
     *,
-    go: asyncio.Event | None = None,
+    go: StartGate | None = None,
     timeout_s: float = 300,
 ) -> StreamRun:
     """The same through the naive bridge: its API's WebSocket, binary frames."""

@@ -14,7 +14,7 @@ import time
 from ..harness import Bench
 from ..results import Goal, Row, ScenarioResult
 from ..stats import summary
-from .common import interleaved
+from .common import bridge_rest_call, interleaved
 
 
 async def run_open(bench: Bench) -> ScenarioResult:
@@ -36,13 +36,9 @@ async def run_open(bench: Bench) -> ScenarioResult:
         return elapsed
 
     async def bridge(i: int) -> float:
-        url = bench.bridge_http_url(names[i % len(names)])
-        t0 = time.perf_counter()
-        r = await bench.api.post(url, content=b"open")
-        elapsed = time.perf_counter() - t0
-        if r.status_code != 200 or r.content != b"ready":
-            raise RuntimeError(f"bridge open failed: {r.status_code} {r.text[:100]}")
-        (await bench.api.post(url, content=b"close")).raise_for_status()
+        name = names[i % len(names)]
+        elapsed = await bridge_rest_call(bench, name, b"open", b"ready")
+        await bridge_rest_call(bench, name, b"close", b"closed")
         return elapsed
 
     samples = await interleaved(

@@ -5,9 +5,10 @@ Round trip on the bus: what the API does for a command (NATS request ``terminal.
 and sends one output chunk and the exit frame, which come back on ``session.<id>.up``), timed
 from the request to the exit frame ("full command") and to the answer. The naive bridge does
 one NATS request answered by its peer with the output. Through REST: ``POST
-/tunnel/{id}/exec`` of the same tiny command, to its full JSON result. The three run in
-interleaved blocks, rotating over several agents (the gateway rate-limits control frames per
-connection).
+/tunnel/{id}/exec`` of the same tiny command, to its full JSON result, beside the bridge's own
+REST call (its bare ASGI app: POST, NATS request, peer): what an HTTP round trip costs on the
+same machine. The four run in interleaved blocks, rotating over several agents (the gateway
+rate-limits control frames per connection).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from ..harness import Bench, CpuMeter
 from ..results import Goal, Row, ScenarioResult
 from ..stats import summary
-from .common import ExitWaiter, bus_command, interleaved
+from .common import ExitWaiter, bridge_rest_call, bus_command, interleaved
 
 
 async def run_roundtrip(bench: Bench) -> ScenarioResult:
@@ -43,6 +44,9 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
         await bench.nc.request(f"bench.bridge.{names[i % len(names)]}.req", b"echo", timeout=10)
         return time.perf_counter() - t0
 
+    async def bridge_rest(i: int) -> float:
+        return await bridge_rest_call(bench, names[i % len(names)], b"echo", b"ok\n")
+
     async def rest(i: int) -> float:
         session_id = sessions[i % len(sessions)]
         t0 = time.perf_counter()
@@ -56,8 +60,18 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
 
     try:
         samples = await interleaved(
-            {"gurutunnel_bus": gurutunnel_bus, "bridge": bridge, "rest": rest},
-            {"gurutunnel_bus": p.rt_samples, "bridge": p.rt_samples, "rest": p.rt_rest_samples},
+            {
+                "gurutunnel_bus": gurutunnel_bus,
+                "bridge": bridge,
+                "rest": rest,
+                "bridge_rest": bridge_rest,
+            },
+            {
+                "gurutunnel_bus": p.rt_samples,
+                "bridge": p.rt_samples,
+                "rest": p.rt_rest_samples,
+                "bridge_rest": p.rt_rest_samples,
+            },
             p.interleave_block,
             p.rt_warmup,
         )
@@ -76,11 +90,12 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
     finally:
         await waiter.stop()
     answers = answers[p.rt_warmup :]
-    gt, br, rs, an = (
+    gt, br, rs, an, brs = (
         summary(samples["gurutunnel_bus"]),
         summary(samples["bridge"]),
         summary(samples["rest"]),
         summary(answers),
+        summary(samples["bridge_rest"]),
     )
     bridge_name = "naive bridge (NATS request -> websockets -> peer)"
     result.rows = [
@@ -124,6 +139,23 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
         ),
         Row("REST exec round trip, p99", "ms", rs["p99"], br["p99"], bridge_name, Goal("<=", 5)),
         Row(
+            "REST exec vs the bridge's own REST call, p50",
+            "ms",
+            rs["p50"],
+            brs["p50"],
+            "naive bridge through its bare ASGI app (POST -> NATS request -> peer)",
+            None,
+            "the same HTTP client and server stack without auth, database or JSON: what an "
+            "HTTP round trip costs on this machine",
+        ),
+        Row(
+            "REST exec vs the bridge's own REST call, p99",
+            "ms",
+            rs["p99"],
+            brs["p99"],
+            "naive bridge through its bare ASGI app (POST -> NATS request -> peer)",
+        ),
+        Row(
             "API CPU per REST exec",
             "ms",
             rest_cpu_ms["api"],
@@ -148,6 +180,7 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
         "gurutunnel_bus_answer_ms": an,
         "bridge_ms": br,
         "rest_exec_ms": rs,
+        "bridge_rest_ms": brs,
         "cpu_ms_per_rest_exec": rest_cpu_ms,
         "cpu_ms_per_bus_command": bus_cpu_ms,
     }
@@ -155,6 +188,7 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
         "gurutunnel bus (full command)": samples["gurutunnel_bus"],
         "bridge": samples["bridge"],
         "REST exec": samples["rest"],
+        "bridge REST": samples["bridge_rest"],
     }
     return result
 

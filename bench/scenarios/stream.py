@@ -15,12 +15,16 @@ import asyncio
 from ..harness import Bench
 from ..results import Goal, Row, ScenarioResult
 from ..stats import jain_index
-from .common import StreamRun, bridge_stream, gurutunnel_stream
+from .common import StartGate, StreamRun, bridge_stream, gurutunnel_stream
 
 
-async def _many(runs: list[asyncio.Task[StreamRun]], go: asyncio.Event) -> list[StreamRun]:
-    await asyncio.sleep(0.5)  # every socket connected before the start
-    go.set()
+async def _many(runs: list[asyncio.Task[StreamRun]], gate: StartGate) -> list[StreamRun]:
+    # every socket connected before the start (a stream that failed to connect shows in gather)
+    connected = asyncio.ensure_future(gate.all_connected.wait())
+    await asyncio.wait([connected, *runs], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    connected.cancel()
+    await asyncio.sleep(0.2)  # the server side of the last sockets (ticket, subscription)
+    gate.go.set()
     return list(await asyncio.gather(*runs))
 
 
@@ -47,7 +51,7 @@ async def run_stream(bench: Bench) -> ScenarioResult:
 
     n = p.stream_sessions
     sessions = [await bench.open_session(a) for a in bench.pool[:n]]
-    go = asyncio.Event()
+    go = StartGate(n)
     gt_runs = await _many(
         [
             asyncio.create_task(gurutunnel_stream(bench, sid, p.stream_bytes_each, 4096, go=go))
@@ -55,7 +59,7 @@ async def run_stream(bench: Bench) -> ScenarioResult:
         ],
         go,
     )
-    go = asyncio.Event()
+    go = StartGate(n)
     br_runs = await _many(
         [
             asyncio.create_task(bridge_stream(bench, nm, p.stream_bytes_each, 4096, go=go))

@@ -243,7 +243,8 @@ class AgentConnection:
         self._presence_lost = False
         self._newest_notice_seq = 0
         """Highest sequence another connection announced before ours was known."""
-        self._frame_json: str | None = None
+        self._frame_json: tuple[Frame, str] | None = None
+        """The frame being handled and the agent's text it was validated from."""
         """The JSON text of the agent frame being handled, as received and validated."""
 
     # ------------------------------------------------------------------ helpers
@@ -443,7 +444,7 @@ class AgentConnection:
                 ErrorCode.RATE_LIMITED,
                 f"more than {self._settings.max_frames_per_s:g} control frames/s; frame dropped",
             )
-        self._frame_json = message
+        self._frame_json = (frame, message)
         try:
             await self._on_agent_frame(frame)
         finally:
@@ -452,10 +453,10 @@ class AgentConnection:
     def _enveloped(self, envelope: type[Frame], frame: Frame, **fields: str | int) -> bytes:
         """``envelope`` (stamped) around ``frame``: the agent's validated JSON spliced in when
         ``frame`` is the frame being handled (no re-encoding), else ``frame`` encoded."""
-        raw = self._frame_json
-        if raw is None:
+        handled = self._frame_json
+        if handled is None or handled[0] is not frame:
             return encode(envelope(**self._stamp(), **fields, frame=frame))
-        return encode_spliced(envelope, {**self._stamp(), **fields}, raw)
+        return encode_spliced(envelope, {**self._stamp(), **fields}, handled[1])
 
     async def _write(self) -> None:
         traffic = self._deps.metrics.traffic

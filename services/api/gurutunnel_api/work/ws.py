@@ -12,8 +12,9 @@ Contract (messages in :mod:`.schemas`):
   still passes alone) drained by one writer task, each send bounded by ``ws_send_timeout_s``.
   A technician who stops reading fills it and the socket is closed with 1013 ("try again
   later": the server dropped a client that could not keep up) instead of growing memory: at
-  the overflow the queued messages are dropped and the socket ends at once (its channels are
-  handed over as below), without waiting for the stuck send's timeout. A reader thus sees
+  the overflow the queued messages are dropped, the channels are handed over at once (as
+  below) and the socket is closed; only that close may still wait, at most
+  ``ws_send_timeout_s``, on the stuck transport. A reader thus sees
   every chunk in ``seq`` order, gaps, and then 1013: never bytes lost silently. ``chunk``
   messages are built as text directly (:func:`chunk_text`, the model's exact text): they are
   the per-output-chunk cost of a stream.

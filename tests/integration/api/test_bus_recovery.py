@@ -9,7 +9,8 @@ import contextlib
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from nats.js.api import StreamConfig
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from gurutunnel_api.bus import BusHandlers, BusUnavailable, NatsBus
 from gurutunnel_api.config import ApiSettings
@@ -68,6 +69,20 @@ async def test_deleted_presence_consumer_is_recreated_and_a_disconnect_still_clo
             await gateway.stop()
 
 
+async def _add_full_presence_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    """The presence stream, admitting one consumer and already holding another: the API's
+    durable consumer cannot be made. (Refused alike by every server version, where a filter
+    outside the stream's subjects is refused by nats-server 2.9 but accepted by 2.10+.)"""
+    await js.add_stream(
+        StreamConfig(
+            name=subjects.presence_stream, subjects=[subjects.all_presence()], max_consumers=1
+        )
+    )
+    await js.add_consumer(
+        subjects.presence_stream, ConsumerConfig(durable_name="other", ack_policy=AckPolicy.NONE)
+    )
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_readyz_is_503_while_the_presence_consumer_cannot_be_recreated(
     api_settings: ApiSettings, migrated: ApiSettings, nc: NatsClient, subject_prefix: str
@@ -79,10 +94,8 @@ async def test_readyz_is_503_while_the_presence_consumer_cannot_be_recreated(
     async with running_api(fast_checks(migrated)) as api:
         assert (await api.client.get("/readyz")).status_code == 200
         await js.delete_stream(subjects.presence_stream)
-        # same name, subjects that do not cover presence: recreation keeps failing
-        await js.add_stream(
-            StreamConfig(name=subjects.presence_stream, subjects=[f"{subject_prefix}.elsewhere"])
-        )
+        # same name, but full: recreating the consumer keeps failing
+        await _add_full_presence_stream(js, subjects)
 
         async def not_ready() -> bool:
             resp = await api.client.get("/readyz")
@@ -105,9 +118,7 @@ async def test_bus_start_raises_only_bus_unavailable_when_the_consumer_cannot_be
     BusUnavailable, not a NATS exception."""
     subjects = Subjects(subject_prefix)
     js = nc.jetstream(timeout=5)
-    await js.add_stream(
-        StreamConfig(name=subjects.presence_stream, subjects=[f"{subject_prefix}.elsewhere"])
-    )
+    await _add_full_presence_stream(js, subjects)
     bus = NatsBus(api_settings, BusHandlers(_ignore, _ignore, _renewed))
     try:
         with pytest.raises(BusUnavailable):

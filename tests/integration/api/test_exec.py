@@ -214,6 +214,7 @@ async def test_exec_stream_yields_started_chunks_and_exit_in_order(world: World)
         "stdout_bytes": 6,
         "stderr_bytes": 5,
         "error": None,
+        "session_close_reason": None,
     }
 
 

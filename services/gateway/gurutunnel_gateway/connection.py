@@ -1,4 +1,4 @@
-"""One authenticated agent socket: one reader loop, one writer task fed by a bounded queue.
+"""One authenticated agent socket: one reader loop, a writer that lives while frames are queued.
 
 Contract (docs/design.md "Agent socket" and "Bus"):
 - ``run`` subscribes the agent's command subject and, once that subscription is flushed,
@@ -226,6 +226,7 @@ class AgentConnection:
         self._settings = deps.settings
         self._remote_addr = remote_addr
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=deps.settings.send_queue_frames)
+        self._writer: asyncio.Task[None] | None = None
         self._pending: dict[str, PendingRequest] = {}
         self._sessions: dict[str, HeldSession] = {}
         self._cmd_sub: BusSubscription | None = None
@@ -299,6 +300,9 @@ class AgentConnection:
             log.warning("send queue overflow", extra=self._extra())
             self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
             return False
+        if self._writer is None and not self._ended:
+            # the writer lives only while frames wait: an idle agent holds no task for it
+            self._writer = asyncio.create_task(self._write(), name=f"writer-{self.conn_id}")
         return True
 
     def close(
@@ -369,7 +373,6 @@ class AgentConnection:
         """
         subjects = self._deps.subjects
         connected: asyncio.Task[None] | None = None
-        writer = asyncio.create_task(self._write(), name=f"writer-{self.conn_id}")
         try:
             try:
                 # Subscribe before the welcome: once the agent is told it is connected, a
@@ -401,7 +404,7 @@ class AgentConnection:
             log.info("agent connected", extra=self._extra())
             await self._read()
         finally:
-            await self._finish(writer, connected)
+            await self._finish(connected)
 
     async def _read(self) -> None:
         traffic = self._deps.metrics.traffic
@@ -459,22 +462,27 @@ class AgentConnection:
         return encode_spliced(envelope, {**self._stamp(), **fields}, handled[1])
 
     async def _write(self) -> None:
+        """Send what is queued, in order, then end (``send`` starts the next writer)."""
         traffic = self._deps.metrics.traffic
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                text = await self._queue.get()
-                await self.ws.send(text)
-                traffic.frames_out += 1
-                traffic.bytes_out += len(text)
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                while not self._queue.empty():
+                    text = self._queue.get_nowait()
+                    await self.ws.send(text)
+                    traffic.frames_out += 1
+                    traffic.bytes_out += len(text)
+        finally:
+            # no await between the empty queue and this: a send() after it starts a new writer
+            self._writer = None
 
-    async def _finish(
-        self, writer: asyncio.Task[None], connected: asyncio.Task[None] | None
-    ) -> None:
+    async def _finish(self, connected: asyncio.Task[None] | None) -> None:
         self._ended = True
         self._deps.hub.unregister(self)
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
         if self._cmd_sub is not None:
             await self._cmd_sub.unsubscribe()
         for held in list(self._sessions.values()):

@@ -9,13 +9,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
-from devstack.stack import Stack, StackConfig
+from devstack.stack import API_PREFIX, Stack, StackConfig
+
+
+def new_admin_token(stack: Stack) -> str:
+    """The token of a fresh admin of ``stack``."""
+    username = f"admin{secrets.token_hex(3)}"
+    return stack.token(username, stack.create_admin(username))
+
+
+@contextlib.asynccontextmanager
+async def api_client(
+    stack: Stack, token: str | None, *, timeout_s: float = 60
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of ``stack``'s API under ``/api/v1``, carrying ``token`` when given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(
+        base_url=f"{stack.api_url}{API_PREFIX}", headers=headers, timeout=timeout_s
+    ) as client:
+        yield client
+
 
 E2E_API_ENV = {"GT_API_OPEN_TIMEOUT_S": "2", "GT_API_CLOSE_TIMEOUT_S": "2"}
 E2E_GATEWAY_ENV = {

@@ -18,8 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack.stack import API_PREFIX, EnrolledAgent, Stack, StackConfig
-from tests.e2e.conftest import E2E_AGENT_ENV, E2E_API_ENV, E2E_GATEWAY_ENV
+from devstack.stack import EnrolledAgent, Stack, StackConfig
+from tests.e2e.conftest import (
+    E2E_AGENT_ENV,
+    E2E_API_ENV,
+    E2E_GATEWAY_ENV,
+    api_client,
+    new_admin_token,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +61,7 @@ def two_gateways(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture
 async def admin_client(two_gateways: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    username = f"admin{secrets.token_hex(3)}"
-    token = two_gateways.token(username, two_gateways.create_admin(username))
-    async with httpx.AsyncClient(
-        base_url=f"{two_gateways.api_url}{API_PREFIX}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-    ) as client:
+    async with api_client(two_gateways, new_admin_token(two_gateways), timeout_s=30) as client:
         yield client
 
 

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from devstack.processes import ManagedProcess
 from devstack.stack import API_PREFIX, EnrolledAgent, Stack
-from tests.e2e.conftest import E2E_API_ENV, module_stack
+from tests.e2e.conftest import E2E_API_ENV, api_client, module_stack, new_admin_token
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +64,9 @@ def limits_stack(
         yield s
 
 
-@contextlib.asynccontextmanager
-async def _admin_client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+def _admin_client(stack: Stack) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
     """An HTTP client of a fresh admin of ``stack`` (admins may read the audit)."""
-    username = f"admin{secrets.token_hex(3)}"
-    token = stack.token(username, stack.create_admin(username))
-    async with httpx.AsyncClient(
-        base_url=f"{stack.api_url}{API_PREFIX}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    ) as c:
-        yield c
+    return api_client(stack, new_admin_token(stack))
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +77,7 @@ def admin(stack: Stack) -> tuple[str, str]:
 
 @pytest.fixture
 async def client(stack: Stack, admin: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    token = stack.token(*admin)
-    async with httpx.AsyncClient(
-        base_url=f"{stack.api_url}{API_PREFIX}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    ) as c:
+    async with api_client(stack, stack.token(*admin)) as c:
         yield c
 
 

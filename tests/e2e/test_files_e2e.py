@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from devstack.processes import ManagedProcess
-from devstack.stack import API_PREFIX, EnrolledAgent, Stack
+from devstack.stack import EnrolledAgent, Stack
+from tests.e2e.conftest import api_client
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +35,7 @@ def admin(stack: Stack) -> tuple[str, str]:
 
 @pytest.fixture
 async def client(stack: Stack, admin: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    token = stack.token(*admin)
-    async with httpx.AsyncClient(
-        base_url=f"{stack.api_url}{API_PREFIX}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    ) as c:
+    async with api_client(stack, stack.token(*admin)) as c:
         yield c
 
 

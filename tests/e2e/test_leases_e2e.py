@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from devstack.processes import ManagedProcess
-from devstack.stack import API_PREFIX, EnrolledAgent, Stack, StackConfig
-from tests.e2e.conftest import E2E_AGENT_ENV, E2E_API_ENV, _create_db, _drop_db
+from devstack.stack import EnrolledAgent, Stack, StackConfig
+from tests.e2e.conftest import E2E_AGENT_ENV, E2E_API_ENV, _create_db, _drop_db, api_client
 
 pytestmark = pytest.mark.slow
 
@@ -87,11 +87,7 @@ def admin_token(lease_stack: Stack) -> str:
 
 @pytest.fixture
 async def client(lease_stack: Stack, admin_token: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"{lease_stack.api_url}{API_PREFIX}",
-        headers={"Authorization": f"Bearer {admin_token}"},
-        timeout=30,
-    ) as c:
+    async with api_client(lease_stack, admin_token, timeout_s=30) as c:
         yield c
 
 

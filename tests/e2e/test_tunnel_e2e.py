@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import time
@@ -19,8 +20,9 @@ import jwt
 import pytest
 
 from devstack.processes import ManagedProcess
-from devstack.stack import API_PREFIX, EnrolledAgent, Stack
+from devstack.stack import EnrolledAgent, Stack
 from tests.e2e.agents import scripted_agent
+from tests.e2e.conftest import api_client
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +41,10 @@ async def admin_client(stack: Stack, admin: tuple[str, str]) -> AsyncIterator[ht
         yield c
 
 
-def _client(stack: Stack, token: str | None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(base_url=f"{stack.api_url}{API_PREFIX}", headers=headers, timeout=30)
+def _client(
+    stack: Stack, token: str | None
+) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+    return api_client(stack, token, timeout_s=30)
 
 
 async def _enroll(client: httpx.AsyncClient, name: str) -> EnrolledAgent:

@@ -590,8 +590,7 @@ async def activate(
                         "session_id_": session_id,
                         "state": SessionState.ACTIVE.value,
                         "opened_at": utcnow(),
-                        "conn_id": reply.conn_id,
-                        "gateway_id": reply.gateway_id,
+                        **bound,
                     },
                 )
             ).first()

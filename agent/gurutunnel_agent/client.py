@@ -39,7 +39,8 @@ Contract:
   returns. ``terminal.command`` first checks and opens its working directory on a worker
   thread (``open_cwd``, bounded by ``cwd_timeout_s``; refused -> ``tunnel.error
   {cwd_not_allowed}`` and the channel released), spawns the process, answers
-  ``terminal.started{pid}`` (same ``req_id``), then streams; ``shell.open`` answers
+  ``terminal.started{pid}`` (same ``req_id``; it waits up to ``inline_result_window_s`` so that a
+  short command's output and exit travel in it), then streams; ``shell.open`` answers
   ``channel.opened{shell}``. The channel's output is opened even if that answer fails, so the
   channel still ends. Each channel runs as one task of the connection, emitting through
   :meth:`AgentClient._send` (awaited: back-pressure from a slow socket reaches the pipe). A
@@ -77,7 +78,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -671,13 +672,24 @@ class AgentClient:
                 chunk_bytes=s.chunk_bytes,
                 max_output_bytes=s.max_output_bytes,
                 kill_grace_s=s.kill_grace_s,
+                inline_result_bytes=s.inline_result_bytes if s.inline_result_window_s else 0,
             ),
             emit=self._emitter(conn),
         )
         pid = await runtime.start()
-        answer = TerminalStarted(
-            req_id=frame.req_id, session_id=frame.session_id, channel_id=frame.channel_id, pid=pid
-        )
+
+        async def answer() -> AgentToServer:
+            # the command runs meanwhile (launched before): a short one ends in the answer
+            output, exit_frame = await runtime.output.settle(s.inline_result_window_s)
+            return TerminalStarted(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                pid=pid,
+                output=output,
+                exit=exit_frame,
+            )
+
         await self._announce(conn, action, runtime, answer, what="command", pid=pid)
 
     async def _start_shell(self, conn: _Connection, action: StartShell) -> None:
@@ -696,12 +708,15 @@ class AgentClient:
             emit=self._emitter(conn),
         )
         pid = await runtime.start()
-        answer = ChannelOpened(
-            req_id=frame.req_id,
-            session_id=frame.session_id,
-            channel_id=frame.channel_id,
-            channel_type=ChannelType.SHELL,
-        )
+
+        async def answer() -> AgentToServer:
+            return ChannelOpened(
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                channel_type=ChannelType.SHELL,
+            )
+
         await self._announce(conn, action, runtime, answer, what="shell", pid=pid)
 
     async def _announce(
@@ -709,12 +724,13 @@ class AgentClient:
         conn: _Connection,
         action: StartCommand | StartShell,
         runtime: CommandChannel | ShellChannel,
-        answer: AgentToServer,
+        answer: Callable[[], Awaitable[AgentToServer]],
         *,
         what: str,
         pid: int | None,
     ) -> None:
-        """Register a started channel, answer its request, then let its output flow."""
+        """Register a started channel, answer its request (built by ``answer`` once the channel
+        runs), then let its output flow."""
         frame = action.frame
         # registered before the answer: if the socket dies while answering, the connection's
         # cleanup still finds (and kills) the process
@@ -724,10 +740,31 @@ class AgentClient:
             extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
         )
         try:
-            await self._send(conn, answer)
+            reply = await answer()
+            try:
+                await self._send(conn, reply)
+            except Exception:
+                # the answer did not leave: the frames it carried go on their own, first
+                await self._send_inline(conn, reply)
+                raise
         finally:
             # whatever happened to the answer, the channel must be able to end (exit frame)
             runtime.output.open()
+
+    async def _send_inline(self, conn: _Connection, reply: AgentToServer) -> None:
+        """Best effort: the chunks and exit a failed ``terminal.started`` carried."""
+        if not isinstance(reply, TerminalStarted):
+            return
+        try:
+            for chunk in reply.output:
+                await self._send(conn, chunk)
+            if reply.exit is not None:
+                await self._send(conn, reply.exit)
+        except Exception as exc:
+            log.warning(
+                "inline output undeliverable",
+                extra={"channel_id": reply.channel_id, "error": type(exc).__name__},
+            )
 
     def _start_transfer(self, conn: _Connection, action: StartUpload | StartDownload) -> None:
         """One task per transfer: ``serve()`` answers the request and ends the channel."""

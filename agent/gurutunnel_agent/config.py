@@ -28,6 +28,12 @@ Contract:
   worker thread: a hung mount refuses the command instead of stalling the agent) and
   ``shell_input_buffer_bytes`` (``GT_AGENT_SHELL_INPUT_BUFFER_BYTES``, technician input queued
   per shell; beyond it input is refused with ``tunnel.error{agent_backpressure}``).
+- A short command is answered in one frame: ``inline_result_window_s``
+  (``GT_AGENT_INLINE_RESULT_WINDOW_S``, 20 ms; 0 turns it off) is how long the agent waits after
+  the spawn for the command to end before it answers ``terminal.started``, and
+  ``inline_result_bytes`` (``GT_AGENT_INLINE_RESULT_BYTES``, 32 KiB) how much output the answer
+  may carry; what ended in time travels in the answer (``terminal.started.output``/``.exit``),
+  the rest streams as usual. Only the ``terminal.started`` answer waits, never the command.
 - File transfer settings (``gurutunnel_agent.channels.files``): ``file_allowlist``
   (``GT_AGENT_FILE_ALLOWLIST``, JSON list / TOML array of absolute directories a transfer may
   touch, subdirectories included; default: the same as ``cwd_allowlist``, the home directory),
@@ -151,6 +157,12 @@ class AgentSettings(BaseSettings):
     """Largest piece of command or shell output sent in one ``terminal.chunk``."""
     max_output_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     """Cap on the output delivered per command (stdout + stderr); the rest is dropped, flagged."""
+    inline_result_window_s: float = Field(default=0.02, ge=0, le=1)
+    """How long ``terminal.started`` waits for the command to end, so that a short command's
+    output and exit travel in the answer (one frame instead of three); 0: answer at once."""
+    inline_result_bytes: int = Field(default=32 * 1024, ge=0, le=256 * 1024)
+    """Output a ``terminal.started`` answer may carry (base64 in the frame: well under
+    ``max_frame_bytes``)."""
     max_channels: int = Field(default=16, ge=1, le=1024)
     """Channels open at once in one session; one more is refused ``too_many_channels``."""
     kill_grace_s: float = Field(default=2.0, gt=0, le=60)

@@ -14,9 +14,16 @@ import sys
 from pathlib import Path
 
 from bench.scenarios import SCENARIOS
-from bench.simagent import chunk_text, pattern_bytes
-from gurutunnel_protocol.envelope import decode_agent_to_server, encode_text
-from gurutunnel_protocol.messages import TerminalChunk
+from bench.scenarios.common import echo_command_bytes
+from bench.simagent import chunk_text, echo_answer_text, pattern_bytes
+from gurutunnel_protocol.envelope import decode_agent_to_server, encode, encode_text
+from gurutunnel_protocol.messages import (
+    ExitReason,
+    Terminal,
+    TerminalChunk,
+    TerminalExit,
+    TerminalStarted,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +78,36 @@ def test_simulated_agent_chunks_are_what_the_codec_encodes() -> None:
     by_hand = chunk_text("s1", "c1", 7, base64.b64encode(data).decode("ascii"))
     assert by_hand == encode_text(frame)
     assert decode_agent_to_server(by_hand) == frame
+
+
+def test_simulated_agent_echo_answer_is_what_the_codec_encodes() -> None:
+    """The hand-built ``bench echo`` answer (started + chunk + exit) equals the codec's."""
+    frame = TerminalStarted(
+        req_id="r1",
+        session_id="s1",
+        channel_id="c1",
+        output=[
+            TerminalChunk(session_id="s1", channel_id="c1", seq=0, stream="stdout", data=b"ok\n")
+        ],
+        exit=TerminalExit(
+            session_id="s1",
+            channel_id="c1",
+            seq=1,
+            reason=ExitReason.EXITED,
+            exit_code=0,
+            duration_s=0.0,
+            stdout_bytes=3,
+            stderr_bytes=0,
+        ),
+    )
+    by_hand = echo_answer_text("r1", "s1", "c1")
+    assert by_hand == encode_text(frame)
+    assert decode_agent_to_server(by_hand) == frame
+
+
+def test_throughput_requests_are_what_the_codec_encodes() -> None:
+    """The hand-built ``bench echo`` request of scenario 2 equals the API's encoding."""
+    frame = Terminal(
+        req_id="r1", session_id="s1", channel_id="c1", command="bench echo", timeout_s=30
+    )
+    assert echo_command_bytes("r1", "s1", "c1") == encode(frame)

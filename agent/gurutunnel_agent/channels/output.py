@@ -6,6 +6,12 @@ Contract:
   duplicate number.
 - Nothing is emitted before :meth:`ChannelOutput.open` (the client sends ``terminal.started`` /
   ``channel.opened`` first, then opens the output).
+- With ``hold_bytes`` > 0, frames produced before the answer are *held* instead of waiting:
+  chunks up to ``hold_bytes`` of data in all (and ``MAX_INLINE_CHUNKS`` frames), and the exit
+  frame. :meth:`ChannelOutput.settle` waits (bounded) until the channel ended or a frame did not
+  fit, stops holding and hands the held frames over for the answer (``terminal.started.output``
+  and ``.exit``). A frame that does not fit, and every later one, waits for :meth:`open` as
+  without holding; held frames keep their ``seq``, so numbering stays gapless in every case.
 - ``emit`` is the client's one serialized send path; awaiting it is the back-pressure (the pipe
   reader waits for a slow socket instead of buffering). An exception from ``emit`` (socket gone)
   is logged once and every later frame is dropped: the caller keeps draining its pipes.
@@ -16,10 +22,12 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from gurutunnel_protocol.messages import (
+    MAX_INLINE_CHUNKS,
     AgentToServer,
     ExitReason,
     OutputStream,
@@ -38,7 +46,9 @@ _MAX_ERROR_CHARS = 1024
 class ChannelOutput:
     """Numbered, ordered, back-pressured output of one channel."""
 
-    def __init__(self, session_id: str, channel_id: str, emit: Emit) -> None:
+    def __init__(
+        self, session_id: str, channel_id: str, emit: Emit, *, hold_bytes: int = 0
+    ) -> None:
         self.session_id = session_id
         self.channel_id = channel_id
         self._emit = emit
@@ -47,6 +57,12 @@ class ChannelOutput:
         self._seq = 0
         self._broken = False
         self.exited = False
+        self._hold_bytes = hold_bytes
+        self._holding = hold_bytes > 0
+        self._held: list[TerminalChunk | TerminalExit] = []
+        self._held_size = 0
+        self._settled = asyncio.Event()
+        """Holding cannot go on: the exit frame is held, or a frame did not fit."""
 
     @property
     def next_seq(self) -> int:
@@ -55,6 +71,19 @@ class ChannelOutput:
     def open(self) -> None:
         """Allow frames to leave (after the channel's start was answered)."""
         self._opened.set()
+
+    async def settle(self, window_s: float) -> tuple[list[TerminalChunk], TerminalExit | None]:
+        """Stop holding once the channel ended, a frame did not fit, or after ``window_s``;
+        return the held chunks and exit frame (for the answer; see the module contract)."""
+        if self._holding:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(window_s):
+                    await self._settled.wait()
+        self._holding = False
+        held, self._held = self._held, []
+        chunks = [f for f in held if isinstance(f, TerminalChunk)]
+        exits = [f for f in held if isinstance(f, TerminalExit)]  # at most one, the last
+        return chunks, exits[0] if exits else None
 
     async def chunk(self, stream: OutputStream, data: bytes) -> None:
         await self._send(
@@ -100,6 +129,10 @@ class ChannelOutput:
     async def _send(self, build: Callable[[int], AgentToServer], *, final: bool = False) -> None:
         if self.exited and not final:
             return
+        # held even once opened (a stop before the answer opens the output): the answer that
+        # settle() builds carries them, ahead of every later frame
+        if self._holding and self._hold(build(self._seq)):
+            return
         await self._opened.wait()
         async with self._lock:
             seq = self._seq
@@ -115,3 +148,22 @@ class ChannelOutput:
                     "channel output undeliverable; dropping the rest",
                     extra={"channel_id": self.channel_id, "error": type(exc).__name__},
                 )
+
+    def _hold(self, frame: AgentToServer) -> bool:
+        """Keep ``frame`` for the answer if it fits; else stop holding (it waits for ``open``)."""
+        assert isinstance(frame, TerminalChunk | TerminalExit)
+        size = len(frame.data) if isinstance(frame, TerminalChunk) else 0
+        fits = isinstance(frame, TerminalExit) or (
+            self._held_size + size <= self._hold_bytes and len(self._held) < MAX_INLINE_CHUNKS
+        )
+        if not fits:
+            self._holding = False
+            self._settled.set()
+            return False
+        # no await since the check in _send: no other frame can take this seq meanwhile
+        self._seq += 1
+        self._held.append(frame)
+        self._held_size += size
+        if isinstance(frame, TerminalExit):
+            self._settled.set()
+        return True

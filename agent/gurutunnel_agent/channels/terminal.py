@@ -240,6 +240,8 @@ class CommandLimits:
     chunk_bytes: int
     max_output_bytes: int
     kill_grace_s: float
+    inline_result_bytes: int = 0
+    """Output that may be held for the ``terminal.started`` answer (``ChannelOutput``)."""
 
 
 class CommandChannel:
@@ -249,7 +251,9 @@ class CommandChannel:
         self.frame = frame
         self.cwd = cwd
         self.limits = limits
-        self.output = ChannelOutput(frame.session_id, frame.channel_id, emit)
+        self.output = ChannelOutput(
+            frame.session_id, frame.channel_id, emit, hold_bytes=limits.inline_result_bytes
+        )
         cap = limits.max_output_bytes
         if frame.max_output_bytes is not None:
             cap = min(cap, frame.max_output_bytes)

@@ -126,6 +126,61 @@ async def test_ten_megabytes_arrive_complete_and_in_order(open_tunnel: OpenTunne
     assert hashlib.sha256(result.output()).hexdigest() == hashlib.sha256(expected).hexdigest()
 
 
+async def test_a_short_command_ends_in_its_started_answer(open_tunnel: OpenTunnel) -> None:
+    """`echo hi` ends within the inline window: its chunk and exit travel in terminal.started
+    (one frame), numbered 0 and 1, and nothing more of the channel follows."""
+    tunnel = await open_tunnel(inline_result_window_s=1.0)
+    await tunnel.send(cmd("c1", "echo hi"))
+    answer = await tunnel.next_for("c1")
+    assert isinstance(answer, TerminalStarted) and answer.exit is not None
+    assert [(c.seq, c.data) for c in answer.output] == [(0, b"hi\n")]
+    assert (answer.exit.seq, answer.exit.reason, answer.exit.exit_code) == (1, "exited", 0)
+    assert tunnel.inline["c1"] == 2
+    await tunnel.send(cmd("c2", "true"))
+    await tunnel.collect("c2")
+    assert len([f for f in tunnel.order if getattr(f, "channel_id", None) == "c1"]) == 1
+
+
+async def test_with_no_inline_window_the_answer_carries_nothing(open_tunnel: OpenTunnel) -> None:
+    """inline_result_window_s = 0: terminal.started comes at once, output and exit stream."""
+    tunnel = await open_tunnel(inline_result_window_s=0)
+    await tunnel.send(cmd("c1", "echo hi"))
+    result = await tunnel.collect("c1")
+    assert tunnel.inline["c1"] == 0
+    assert result.output() == b"hi\n"
+    result.assert_contiguous()
+
+
+async def test_output_beyond_the_inline_bytes_streams_on_in_seq(open_tunnel: OpenTunnel) -> None:
+    """100 kB from a quick command with 8 KiB inline: the answer carries what fits (no exit),
+    the rest streams, numbered on from the answer's chunks, nothing lost."""
+    tunnel = await open_tunnel(
+        inline_result_window_s=1.0, inline_result_bytes=8192, chunk_bytes=4096
+    )
+    script = "import sys; sys.stdout.buffer.write(bytes(range(100)) * 1000)"
+    await tunnel.send(cmd("c1", argv=[sys.executable, "-c", script]))
+    result = await tunnel.collect("c1")
+    assert isinstance(result.answer, TerminalStarted) and result.answer.exit is None
+    assert 1 <= tunnel.inline["c1"] <= 2
+    assert sum(len(c.data) for c in result.answer.output) <= 8192
+    assert result.output() == bytes(range(100)) * 1000
+    result.assert_contiguous()
+
+
+async def test_a_long_command_is_answered_after_the_window_and_streams(
+    open_tunnel: OpenTunnel,
+) -> None:
+    """A command still running at the end of the window: terminal.started carries its first
+    output but no exit, and the rest follows as a stream."""
+    tunnel = await open_tunnel(inline_result_window_s=0.3)
+    await tunnel.send(cmd("c1", "echo a; sleep 1; echo b"))
+    result = await tunnel.collect("c1")
+    assert isinstance(result.answer, TerminalStarted) and result.answer.exit is None
+    assert [c.data for c in result.answer.output] == [b"a\n"]
+    assert result.output() == b"a\nb\n"
+    result.assert_contiguous()
+
+
 async def test_timeout_kills_the_whole_process_tree(open_tunnel: OpenTunnel) -> None:
     """A shell waiting on a background child: after timeout the exit says so, both are gone."""
     tunnel = await open_tunnel()

@@ -1,7 +1,9 @@
 """Drive an agent's tunnel session through the fake gateway: send frames, collect each channel.
 
 Frames from the agent are sorted by ``channel_id`` (session-level ones under ``""``), so tests
-can run several channels at once and read each one in order.
+can run several channels at once and read each one in order. The chunks and exit frame a
+``terminal.started`` answer carries (``output``, ``exit``) are read right after it, as the API
+reads them: a test sees one channel stream whether the agent sent them inline or not.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Tunnel:
     stash: dict[str, list[AgentToServer]] = field(default_factory=dict)
     order: list[AgentToServer] = field(default_factory=list)
     """Every non-heartbeat frame in arrival order (to check ordering across channels)."""
+    inline: dict[str, int] = field(default_factory=dict)
+    """Per channel: how many frames its ``terminal.started`` answer carried."""
 
     async def send(self, frame: ServerToAgent) -> None:
         await self.gateway.send(self.ws, frame)
@@ -78,6 +82,9 @@ class Tunnel:
                 self.order.append(frame)
                 key = getattr(frame, "channel_id", None) or ""
                 self.stash.setdefault(key, []).append(frame)
+                if isinstance(frame, TerminalStarted):
+                    self.inline[key] = len(frame.output) + (frame.exit is not None)
+                    self.stash[key] += [*frame.output, *([frame.exit] if frame.exit else [])]
             return self.stash[channel_id].pop(0)
 
     async def collect(self, channel_id: str, timeout_s: float = 10.0) -> Result:

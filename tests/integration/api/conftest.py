@@ -304,6 +304,10 @@ class FakeGateway:
     """With a list from ``on_terminal``: publish those frames on the up subject (and flush) BEFORE
     answering ``terminal.started``, as a fast command on a real agent can (its first chunk races
     the answer: they travel on different subjects)."""
+    inline_frames: int = 0
+    """With a list from ``on_terminal``: that many of its first frames travel in the
+    ``terminal.started`` answer (``output``, then ``exit``), as a real agent sends a short
+    command; the rest is published on the up subject after the answer."""
     down: list[Any] = field(default_factory=list)
     """Frames received on the ``session.<id>.down`` subjects watched with ``watch_down``."""
     files: FakeFiles = field(default_factory=FakeFiles)
@@ -370,6 +374,9 @@ class FakeGateway:
         script = await self.on_terminal(frame) if self.on_terminal is not None else []
         if script is None:
             return
+        inline: list[SessionFrame] = []
+        if isinstance(script, list) and self.inline_frames:
+            inline, script = script[: self.inline_frames], script[self.inline_frames :]
         answer: AgentReply = (
             script
             if isinstance(script, TunnelError)
@@ -378,6 +385,8 @@ class FakeGateway:
                 session_id=frame.session_id,
                 channel_id=frame.channel_id,
                 pid=4242,
+                output=[f for f in inline if isinstance(f, TerminalChunk)],
+                exit=next((f for f in inline if isinstance(f, TerminalExit)), None),
             )
         )
         early = isinstance(script, list) and self.output_before_started

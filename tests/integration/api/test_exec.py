@@ -418,19 +418,17 @@ async def test_exec_is_refused_to_others_and_on_a_closed_session(world: World) -
     assert r.status_code == 409 and r.json()["error"]["message"] == "session is closed"
 
 
-@pytest.mark.parametrize("via", ["rest", "ws"])
-async def test_output_sent_before_the_started_answer_is_not_lost(world: World, via: str) -> None:
-    """The agent's chunk seq 0 and its exit reach the bus before terminal.started does; the
-    API's subscriber exists before the command is sent, so REST and WebSocket both get them."""
-    world.gw.output_before_started = True
-    world.gw.on_terminal = await _scripted(_hello)
-    if via == "rest":
-        r = await world.exec({"command": "x"})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert (body["stdout"], body["stderr"], body["gaps"]) == ("hello\n", "oops\n", [])
-        assert (body["reason"], body["exit_code"]) == ("exited", 3)
-        return
+async def _assert_hello_by_rest(world: World) -> None:
+    """POST exec of a command scripted with ``_hello``: its whole result, no gap."""
+    r = await world.exec({"command": "x"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["stdout"], body["stderr"], body["gaps"]) == ("hello\n", "oops\n", [])
+    assert (body["reason"], body["exit_code"]) == ("exited", 3)
+
+
+async def _ws_exec_events(world: World) -> list[dict[str, Any]]:
+    """One exec over the technician WebSocket: its messages up to the exit (pongs left out)."""
     async with world.ws(await world.ticket()) as ws:
         await ws.send(json.dumps({"type": "exec", "argv": ["x"], "id": "e1"}))
         events: list[dict[str, Any]] = []
@@ -439,6 +437,19 @@ async def test_output_sent_before_the_started_answer_is_not_lost(world: World, v
                 msg = json.loads(await ws.recv())
                 if msg["type"] != "pong":
                     events.append(msg)
+    return events
+
+
+@pytest.mark.parametrize("via", ["rest", "ws"])
+async def test_output_sent_before_the_started_answer_is_not_lost(world: World, via: str) -> None:
+    """The agent's chunk seq 0 and its exit reach the bus before terminal.started does; the
+    API's subscriber exists before the command is sent, so REST and WebSocket both get them."""
+    world.gw.output_before_started = True
+    world.gw.on_terminal = await _scripted(_hello)
+    if via == "rest":
+        await _assert_hello_by_rest(world)
+        return
+    events = await _ws_exec_events(world)
     assert events[0]["type"] == "started" and events[0]["id"] == "e1", events
     chunks = [e for e in events if e["type"] == "chunk"]
     assert [(c["seq"], base64.b64decode(c["data"])) for c in chunks] == [
@@ -448,6 +459,44 @@ async def test_output_sent_before_the_started_answer_is_not_lost(world: World, v
     ]
     assert not [e for e in events if e["type"] == "gap"], events
     assert (events[-1]["seq"], events[-1]["exit_code"]) == (3, 3)
+
+
+@pytest.mark.parametrize("inline", [4, 2])
+@pytest.mark.parametrize("via", ["rest", "ndjson", "ws"])
+async def test_frames_carried_in_the_started_answer_come_first(
+    world: World, via: str, inline: int
+) -> None:
+    """A short command's chunks and exit travel in terminal.started (all 4 frames, or the first
+    2 with the rest streamed): every way of reading the command gets them in seq order, with no
+    gap, and the audit row is completed from the exit frame."""
+    world.gw.inline_frames = inline
+    world.gw.on_terminal = await _scripted(_hello)
+    if via == "rest":
+        await _assert_hello_by_rest(world)
+    elif via == "ndjson":
+        r = await world.exec({"command": "x"}, stream="true")
+        assert r.status_code == 200, r.text
+        events = _ndjson(r.text)
+        assert [e["event"] for e in events] == ["started", "chunk", "chunk", "chunk", "exit"]
+        assert [e["seq"] for e in events[1:]] == [0, 1, 2, 3]
+        assert events[-1]["exit_code"] == 3
+    else:
+        msgs = await _ws_exec_events(world)
+        assert [m["type"] for m in msgs] == ["started", "chunk", "chunk", "chunk", "exit"], msgs
+        assert [m["seq"] for m in msgs[1:]] == [0, 1, 2, 3]
+
+    async def completed() -> bool:
+        rows = await world.audit()
+        return bool(rows) and rows[0]["ended_at"] is not None
+
+    await wait_until(completed, what="audit row completed")
+    [row] = await world.audit()
+    assert (row["reason"], row["exit_code"], row["stdout_bytes"], row["stderr_bytes"]) == (
+        "exited",
+        3,
+        6,
+        5,
+    )
 
 
 # ---------------------------------------------------------------- WebSocket

@@ -358,7 +358,7 @@ async def test_early_frame_overflow_keeps_the_exit_frame_and_shows_a_gap() -> No
     finally:
         dispatcher.cancel()
         await asyncio.gather(dispatcher, return_exceptions=True)
-    sock._started(channel, pid=7)
+    sock._started(channel, pid=7, first=[])
     sent = []
     while not sock.queue.empty():
         item = sock.queue.get_nowait()

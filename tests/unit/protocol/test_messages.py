@@ -157,6 +157,80 @@ def test_agent_to_server_frames_round_trip(frame: BaseModel) -> None:
     assert decode_agent_to_server(encode(frame)) == frame
 
 
+def _inline_answer(**changes: Any) -> dict[str, Any]:
+    chunk = {"type": "terminal.chunk", "session_id": "s1", "channel_id": "ch1", "seq": 0}
+    exit_ = {
+        "type": "terminal.exit",
+        "session_id": "s1",
+        "channel_id": "ch1",
+        "seq": 1,
+        "reason": "exited",
+        "exit_code": 0,
+        "duration_s": 0.01,
+        "stdout_bytes": 3,
+        "stderr_bytes": 0,
+    }
+    answer = {
+        "type": "terminal.started",
+        "req_id": "r5",
+        "session_id": "s1",
+        "channel_id": "ch1",
+        "output": [chunk | {"stream": "stdout", "data": "aGkK"}],
+        "exit": exit_,
+    }
+    return answer | changes
+
+
+def test_a_started_answer_carrying_output_and_exit_round_trips() -> None:
+    """terminal.started with its channel's chunk and exit decodes to the same frames."""
+    frame = decode_agent_to_server(json.dumps(_inline_answer()))
+    assert isinstance(frame, TerminalStarted) and frame.exit is not None
+    assert [(c.seq, c.data) for c in frame.output] == [(0, b"hi\n")]
+    assert decode_agent_to_server(encode(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"exit": None, "output": []} | {"channel_id": "other"},
+        {"output": []},  # the exit alone must be seq 0
+        {
+            "exit": None,
+            "output": [
+                {
+                    "type": "terminal.chunk",
+                    "session_id": "s1",
+                    "channel_id": "ch2",
+                    "seq": 0,
+                    "stream": "stdout",
+                    "data": "",
+                }
+            ],
+        },
+    ],
+    ids=["answer-for-another-channel", "exit-seq-gap", "chunk-of-another-channel"],
+)
+def test_inline_frames_that_do_not_continue_the_channel_are_refused(
+    changes: dict[str, Any],
+) -> None:
+    """Inline frames must belong to the answered channel and be numbered 0, 1, ... ."""
+    raw = _inline_answer(**changes)
+    if changes.get("channel_id") == "other":
+        raw["output"] = [
+            {
+                "type": "terminal.chunk",
+                "session_id": "s1",
+                "channel_id": "ch1",
+                "seq": 0,
+                "stream": "stdout",
+                "data": "",
+            }
+        ]
+    with pytest.raises(ProtocolError) as caught:
+        decode_agent_to_server(json.dumps(raw))
+    assert caught.value.code == ErrorCode.MALFORMED_FRAME
+
+
 def test_bus_messages_round_trip() -> None:
     """Presence, control, command results, session frames and gateway heartbeats round-trip."""
     connected = AgentConnected(**STAMP, event_id="e1", at=NOW)

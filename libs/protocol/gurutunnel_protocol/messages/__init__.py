@@ -47,6 +47,7 @@ from .files import (
 )
 from .heartbeat import Heartbeat, HostMetrics
 from .terminal import (
+    MAX_INLINE_CHUNKS,
     ExitReason,
     OutputStream,
     ShellOpen,
@@ -193,6 +194,7 @@ SESSION_UP_TYPES = (
 """Agent frames a gateway relays on ``session.<id>.up`` (the ``SessionFrame`` union)."""
 
 __all__ = [
+    "MAX_INLINE_CHUNKS",
     "PROTOCOL_VERSION",
     "REPLIES_BY_REQUEST",
     "REPLY_TYPES",

@@ -7,6 +7,11 @@ Contract:
   ``invalid_command``, ``too_many_channels``), then streams ``terminal.chunk`` frames as output is
   produced and always ends the channel with one ``terminal.exit``. Chunks and the exit frame of a
   channel are numbered ``seq`` 0, 1, 2, ... with no gaps, so a receiver can see loss.
+- The answer may carry the channel's first frames: ``terminal.started.output`` (chunks ``seq``
+  0, 1, ...) and, when the command already ended, ``terminal.started.exit`` (the next ``seq``).
+  Streamed frames then continue the numbering; with ``exit`` set nothing follows. A short
+  command is thus one request and one answer (an agent waits a few milliseconds before
+  answering, ``inline_result_window_s``, for exactly this).
 - ``terminal.cancel`` (server -> agent, no answer) kills the command's whole process tree; its
   exit frame then says ``cancelled``. A timeout does the same with ``timeout``; closing the
   session ends every channel with ``session_closed``.
@@ -33,6 +38,8 @@ from .base import Frame, WireBytes
 MAX_COMMAND_CHARS = 65536
 MAX_ARGV_ITEMS = 1024
 MAX_PATH_CHARS = 4096
+MAX_INLINE_CHUNKS = 64
+"""Chunks a ``terminal.started`` answer may carry (an agent sends more as a stream)."""
 
 
 class OutputStream(StrEnum):
@@ -72,16 +79,6 @@ class Terminal(Frame):
         return self
 
 
-class TerminalStarted(Frame):
-    """agent -> server: answer to ``terminal.command``; the process runs."""
-
-    type: Literal["terminal.started"] = "terminal.started"
-    req_id: Id | None = None
-    session_id: Id
-    channel_id: Id
-    pid: int | None = None
-
-
 class TerminalChunk(Frame):
     """agent -> server: output of a terminal or shell channel, numbered per channel."""
 
@@ -107,6 +104,34 @@ class TerminalExit(Frame):
     stdout_bytes: int = Field(ge=0)
     stderr_bytes: int = Field(ge=0)
     error: str | None = Field(default=None, max_length=1024)
+
+
+class TerminalStarted(Frame):
+    """agent -> server: answer to ``terminal.command``; the process runs or already ended.
+
+    ``output`` and ``exit`` are the channel's first frames when the agent had them before it
+    answered (see the module contract): same session and channel, ``seq`` from 0 without gaps.
+    """
+
+    type: Literal["terminal.started"] = "terminal.started"
+    req_id: Id | None = None
+    session_id: Id
+    channel_id: Id
+    pid: int | None = None
+    output: list[TerminalChunk] = Field(default_factory=list, max_length=MAX_INLINE_CHUNKS)
+    exit: TerminalExit | None = None
+
+    @model_validator(mode="after")
+    def _inline_frames_continue_the_channel(self) -> Self:
+        frames: list[TerminalChunk | TerminalExit] = [*self.output]
+        if self.exit is not None:
+            frames.append(self.exit)
+        for seq, frame in enumerate(frames):
+            if frame.session_id != self.session_id or frame.channel_id != self.channel_id:
+                raise ValueError("inline frames must belong to the answered channel")
+            if frame.seq != seq:
+                raise ValueError("inline frames must be numbered 0, 1, 2, ... without gaps")
+        return self
 
 
 class TerminalCancel(Frame):

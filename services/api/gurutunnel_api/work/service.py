@@ -22,8 +22,9 @@ Contract:
   :func:`..errors.work_refusal` (409 ``agent_offline``, 422 ``cwd_not_allowed`` /
   ``invalid_command``, 429 ``too_many_channels``, 504 ``agent_timeout``); the audit row is then
   completed with the refusal code and the subscription closed.
-- :class:`CommandRun` turns the channel's ``terminal.chunk``/``terminal.exit`` frames into
-  events: ``Chunk``, ``Gap`` (a jump in the channel's ``seq``; duplicates dropped), the
+- :class:`CommandRun` turns the channel's ``terminal.chunk``/``terminal.exit`` frames (first
+  those the ``terminal.started`` answer carried, then the subscription's) into events:
+  ``Chunk``, ``Gap`` (a jump in the channel's ``seq``; duplicates dropped), the
   ``TerminalExit`` itself (last event), or ``Lost`` (last event) when no exit frame came within
   ``timeout_s + exec_grace_s`` (``agent_timeout``) or within ``exec_close_grace_s`` after the
   session stopped being active (``session_closed``; checked every ``session_watch_interval_s``
@@ -64,6 +65,7 @@ from sqlmodel import col
 from gurutunnel_protocol import ErrorCode, new_id
 from gurutunnel_protocol.messages import (
     ExitReason,
+    Frame,
     OutputStream,
     TerminalCancel,
     TerminalChunk,
@@ -707,8 +709,17 @@ async def _send_command(
         sub=sub,
         timeout_s=spec.timeout_s,
         started_at=started_at,
+        first_frames=inline_frames(answer),
     )
     return run, StartedCommand(channel_id=channel_id, pid=answer.pid)
+
+
+def inline_frames(answer: TerminalStarted) -> list[TerminalChunk | TerminalExit]:
+    """The channel's first frames carried by the answer (its output, then its exit)."""
+    frames: list[TerminalChunk | TerminalExit] = [*answer.output]
+    if answer.exit is not None:
+        frames.append(answer.exit)
+    return frames
 
 
 async def _undo_start(
@@ -751,8 +762,11 @@ class CommandRun:
         sub: SessionSubscription,
         timeout_s: float,
         started_at: float,
+        first_frames: list[TerminalChunk | TerminalExit] | None = None,
     ) -> None:
         self.ctx = ctx
+        self._first_frames = first_frames or []
+        """Frames the agent's answer carried: read before the subscription's."""
         self.ref = ref
         self.channel_id = channel_id
         self.audit_id = audit_id
@@ -819,19 +833,23 @@ class CommandRun:
                 if closed_deadline is None and not await self._session_active():
                     closed_deadline = now + s.exec_close_grace_s
                 continue
-            wake = min(self.deadline, next_watch, closed_deadline or self.deadline)
-            try:
-                item = await self.sub.next(wake - now)
-            except BusError:
-                # the subscription ended with the NATS connection: only the bounds can end this
-                await asyncio.sleep(max(0.0, min(wake - time.monotonic(), 0.5)))
-                continue
-            if item is None:
-                continue
-            if isinstance(item, FramesDropped):
-                self.dropped += item.count
-                continue
-            frame = item.frame
+            frame: Frame
+            if self._first_frames:
+                frame = self._first_frames.pop(0)
+            else:
+                wake = min(self.deadline, next_watch, closed_deadline or self.deadline)
+                try:
+                    item = await self.sub.next(wake - now)
+                except BusError:
+                    # the subscription ended with the NATS connection: only the bounds end this
+                    await asyncio.sleep(max(0.0, min(wake - time.monotonic(), 0.5)))
+                    continue
+                if item is None:
+                    continue
+                if isinstance(item, FramesDropped):
+                    self.dropped += item.count
+                    continue
+                frame = item.frame
             if isinstance(frame, TunnelClosed):
                 if closed_deadline is None:
                     closed_deadline = time.monotonic() + s.exec_close_grace_s

@@ -404,6 +404,7 @@ class TechSocket:
             )
         )
         pid: int | None = None
+        first: list[TerminalChunk | TerminalExit] = []
         try:
             try:
                 reply = await self.ctx.bus.request_agent(
@@ -415,7 +416,7 @@ class TechSocket:
             if isinstance(answer, TunnelError):
                 raise work_refusal(answer.code, answer.error[:512])
             if isinstance(answer, TerminalStarted) and answer.channel_id == channel_id:
-                pid = answer.pid
+                pid, first = answer.pid, service.inline_frames(answer)
             elif not (isinstance(answer, ChannelOpened) and answer.channel_id == channel_id):
                 raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
         except ApiError as exc:
@@ -428,17 +429,20 @@ class TechSocket:
                 name=f"audit-{channel_id}",
             )
             return
-        self._started(channel, pid)
+        self._started(channel, pid, first)
 
-    def _started(self, channel: _Channel, pid: int | None) -> None:
-        """Announce ``started``, then the frames held until now (in arrival order)."""
+    def _started(
+        self, channel: _Channel, pid: int | None, first: list[TerminalChunk | TerminalExit]
+    ) -> None:
+        """Announce ``started``, then the frames the answer carried (``first``), then those
+        held until now (in arrival order)."""
         channel.started = True
         self.send(
             WsStartedOut(
                 id=channel.client_id, channel_id=channel.channel_id, kind=channel.kind, pid=pid
             )
         )
-        early, channel.early = channel.early, []
+        early, channel.early = [*first, *channel.early], []
         for frame in early:
             self._route(channel, frame)
 

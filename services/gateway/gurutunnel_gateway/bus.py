@@ -19,6 +19,15 @@ Contract:
 - ``publish_durable`` publishes through JetStream with ``Nats-Msg-Id`` (de-duplication), waits
   for the stream's ack within a timeout and returns the message's stream sequence (a retried
   publish that the stream de-duplicated returns the sequence of the stored original).
+- ``subscribe`` returns once the server knows the interest (a PING/PONG round trip after the
+  SUB, shared by the subscriptions of one loop turn). Each subscription's handler gets its
+  messages one at a time in arrival order, concurrently with other subscriptions; a handler's
+  exception is logged and delivery goes on. An idle subscription holds no task and no queue
+  (``_Inbox``: a delivery task lives only while messages wait). At most
+  ``SUB_PENDING_MSGS_LIMIT`` messages and ``SUB_PENDING_BYTES_LIMIT`` bytes wait per
+  subscription; past either a message is dropped and logged (``SlowConsumerError``).
+  ``unsubscribe`` cancels the handler running and discards waiting messages; ``close`` drains
+  (messages already received are handled first, within ``publish_timeout_s``).
 - Nothing above this module sees a NATS exception type; failures raise::
 
     BusError            any bus failure
@@ -33,6 +42,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -40,6 +51,12 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import (
+    DEFAULT_SUB_PENDING_BYTES_LIMIT,
+    DEFAULT_SUB_PENDING_MSGS_LIMIT,
+    Subscription,
+)
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from gurutunnel_protocol import Subjects
@@ -53,14 +70,47 @@ from .config import GatewaySettings
 log = logging.getLogger(__name__)
 
 
-class _Client(NatsClient):
-    """nats-py's client with one repair: the PONG of a flush whose future was cancelled.
+SUB_PENDING_MSGS_LIMIT = DEFAULT_SUB_PENDING_MSGS_LIMIT
+"""Messages one subscription may hold waiting for its handler (nats-py's default); more are
+dropped as a slow consumer (see ``_Inbox``)."""
 
-    A ``flush()`` that is cancelled (its caller's task cancelled, or its own timeout) leaves a
-    cancelled future in the client's PONG queue; nats-py 2.16 calls ``set_result`` on it when the
-    PONG arrives, the ``InvalidStateError`` ends the read loop, and the client then hears nothing
-    (no messages, no replies) until its own pings declare the connection stale. Here such a PONG
-    is counted and dropped like any other.
+SUB_PENDING_BYTES_LIMIT = DEFAULT_SUB_PENDING_BYTES_LIMIT
+"""Payload bytes one subscription may hold waiting for its handler (nats-py's default)."""
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def _check_subject(subject: str) -> None:
+    """Refuse what nats-py 2.16's ``subscribe`` refuses: whitespace (a CR LF would inject
+    protocol), an empty token, ``*`` or ``>`` inside a token, ``>`` before the last token."""
+    tokens = subject.split(".")
+    if (
+        _WHITESPACE.search(subject)
+        or ">" in tokens[:-1]
+        or any(not t or (t != "*" and "*" in t) or (t != ">" and ">" in t) for t in tokens)
+    ):
+        raise nats.errors.BadSubjectError
+
+
+class _Client(NatsClient):
+    """nats-py's client with one repair and one addition (both match nats-py 2.16.0).
+
+    Repair: the PONG of a flush whose future was cancelled. A ``flush()`` that is cancelled (its
+    caller's task cancelled, or its own timeout) leaves a cancelled future in the client's PONG
+    queue; nats-py 2.16 calls ``set_result`` on it when the PONG arrives, the
+    ``InvalidStateError`` ends the read loop, and the client then hears nothing (no messages,
+    no replies) until its own pings declare the connection stale. Here such a PONG is counted
+    and dropped like any other.
+
+    Addition: ``subscribe_dispatched``, a callback subscription without a task and a queue of
+    its own while idle (see ``_Inbox``). nats-py's ``subscribe(cb=...)`` starts one task (its
+    ``_wait_for_msgs`` coroutine) and one ``asyncio.Queue`` per subscription, about 4 KiB that
+    every connected agent's command subject held for nothing. nats-py has no public hook for
+    this, so it leans on private parts, each covered by tests/integration/gateway/
+    test_bus_dispatch.py: ``_sid``, ``_subs`` and ``_send_subscribe`` (what ``subscribe``
+    does), the read loop handing each message to ``sub._pending_queue.put_nowait`` after its
+    byte check on ``sub._pending_size``, and ``unsubscribe``/``close`` cancelling
+    ``sub._wait_for_msgs_task``.
     """
 
     async def _process_pong(self) -> None:
@@ -70,6 +120,130 @@ class _Client(NatsClient):
             self._pings_outstanding = 0
             return
         await super()._process_pong()
+
+    async def subscribe_dispatched(self, subject: str, handler: MessageHandler) -> Subscription:
+        """Subscribe ``subject``; ``handler`` gets each message (see ``_Inbox``).
+
+        What nats-py 2.16's ``subscribe`` does for a callback subscription, except that the
+        subscription's pending queue is an ``_Inbox`` and no task is started."""
+        _check_subject(subject)
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining:
+            raise nats.errors.ConnectionDrainingError
+        inbox = _Inbox(handler)
+        self._sid += 1
+        sub = Subscription(
+            self,
+            self._sid,
+            subject,
+            cb=inbox.handle,
+            pending_msgs_limit=SUB_PENDING_MSGS_LIMIT,
+            pending_bytes_limit=SUB_PENDING_BYTES_LIMIT,
+        )
+        inbox.attach(sub)
+        self._subs[sub._id] = sub
+        await self._send_subscribe(sub)
+        return sub
+
+
+class _Inbox:
+    """A dispatched subscription's waiting messages, in place of its ``asyncio.Queue``.
+
+    Delivery: the read loop hands each message to ``put_nowait``; the first one of a burst
+    starts a delivery task that calls the handler for each message in arrival order, one at a
+    time, and ends once none is left (the next message starts a new one). An idle subscription
+    holds no task and no queue; subscriptions are handled concurrently, as with nats-py's task
+    per subscription. The task is the subscription's ``_wait_for_msgs_task`` while it lives,
+    so ``unsubscribe`` and the client's ``close`` cancel it as they cancel nats-py's own (the
+    running handler is cancelled, waiting messages are discarded), and a drain (``join``) waits
+    for it.
+
+    A handler's exception is logged and delivery goes on. Slow consumer: at most
+    ``SUB_PENDING_MSGS_LIMIT`` messages and ``SUB_PENDING_BYTES_LIMIT`` payload bytes wait per
+    subscription; past either nats-py drops the message and reports a ``SlowConsumerError``
+    to the client's error callback (logged as a warning).
+
+    Only the part of ``asyncio.Queue`` that nats-py 2.16 uses on a callback subscription's
+    ``_pending_queue`` is here: ``put_nowait`` (raising ``asyncio.QueueFull``), ``qsize``
+    (``pending_msgs``), ``empty`` (``unsubscribe``), ``join`` (``drain``) and ``task_done``.
+    """
+
+    __slots__ = ("_handler", "_messages", "_sub")
+
+    def __init__(self, handler: MessageHandler) -> None:
+        self._handler = handler
+        self._messages: deque[Msg] | None = None  # None while idle: an empty deque is ~600 B
+        self._sub: Subscription | None = None
+
+    def attach(self, sub: Subscription) -> None:
+        self._sub = sub
+        # the queue nats-py made for it is dropped: this inbox stands in for it
+        sub._pending_queue = self  # type: ignore[assignment]
+
+    def put_nowait(self, msg: Msg) -> None:
+        sub = self._sub
+        assert sub is not None, "inbox used before attach"
+        messages = self._messages
+        if messages is None:
+            messages = self._messages = deque()
+        elif 0 < sub._pending_msgs_limit <= len(messages):
+            raise asyncio.QueueFull
+        messages.append(msg)
+        task = sub._wait_for_msgs_task
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(
+                self._deliver(sub, messages), name="nats-dispatch"
+            )
+            # nats-py declares the attribute None-typed; its own task lives there too
+            sub._wait_for_msgs_task = task  # type: ignore[assignment]
+
+    def qsize(self) -> int:
+        return len(self._messages) if self._messages is not None else 0
+
+    def empty(self) -> bool:
+        return not self._messages
+
+    def task_done(self) -> None:
+        """nats-py calls it only from ``next_msg``, which a callback subscription refuses."""
+
+    async def join(self) -> None:
+        """Wait until every message put so far was handled (a drain); a cancel of the caller
+        leaves the delivery running."""
+        while self._sub is not None:
+            task = self._sub._wait_for_msgs_task
+            if task is None or task.done():
+                return
+            await asyncio.wait([task])
+
+    async def handle(self, msg: Msg) -> None:
+        """Call the handler; its failure is logged, never raised (delivery goes on)."""
+        try:
+            await self._handler(msg.data, msg.reply or None)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # unsubscribe or close
+            # a cancellation that was not ours (a future the handler awaited): not the end
+            log.error("bus handler was cancelled", extra={"subject": msg.subject})
+        except Exception:
+            log.exception("bus handler failed", extra={"subject": msg.subject})
+
+    async def _deliver(self, sub: Subscription, messages: deque[Msg]) -> None:
+        try:
+            while messages:
+                msg = messages.popleft()
+                sub._pending_size -= len(msg.data)
+                await self.handle(msg)
+        finally:
+            # No await since ``messages`` was seen empty: a message put after this starts a new
+            # task. Cancelled (unsubscribe, close): what is left is discarded, as by nats-py.
+            if sub._wait_for_msgs_task is asyncio.current_task():
+                sub._wait_for_msgs_task = None
+            if self._messages is messages:
+                self._messages = None
+                if messages:
+                    sub._pending_size = 0
 
 
 async def _connect(**options: Any) -> NatsClient:
@@ -134,7 +308,9 @@ _NATS_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class _NatsSubscription:
-    def __init__(self, sub: Any) -> None:
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Subscription) -> None:
         self._sub = sub
 
     async def unsubscribe(self) -> None:
@@ -321,15 +497,9 @@ class NatsBus:
         if self._nc is None:
             raise BusUnavailable("bus not connected")
 
-        async def on_message(msg: Any) -> None:
-            try:
-                await handler(msg.data, msg.reply or None)
-            except Exception:
-                # A handler bug must not kill the subscription's delivery task.
-                log.exception("bus handler failed", extra={"subject": subject})
-
         try:
-            sub = await self._nc.subscribe(subject, cb=on_message)
+            # no task nor queue per subscription while idle (see _Client, _Inbox)
+            sub = await self._nc.subscribe_dispatched(subject, handler)
         except _NATS_ERRORS as exc:
             raise _translate(exc) from None
         # The server knows the interest once a PING sent after the SUB is answered:

@@ -26,7 +26,8 @@ Contract (docs/design.md "Agent socket" and "Bus"):
   answer gets an ``error`` frame and the request stays pending.
 - Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
   socket with ``CloseCode.BACKPRESSURE`` (a request that could not be queued is also answered
-  ``CommandFailed{agent_backpressure}``).
+  ``CommandFailed{agent_backpressure}``). The queue and its writer task exist only while frames
+  wait: an idle connection holds neither (memory per idle agent).
 - Agent control frames (heartbeats, answers, errors) are rate limited per connection (token
   bucket: ``max_frames_per_s``, burst ``frame_burst``); one over the limit is dropped and
   answered ``error{rate_limited}``. Every frame also spends ``max_read_bytes_per_s`` byte tokens
@@ -52,6 +53,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -148,6 +150,8 @@ class HeldSession:
 class TokenBucket:
     """``rate_per_s`` tokens a second, at most ``burst`` saved up; one token per frame."""
 
+    __slots__ = ("_burst", "_clock", "_last", "_rate", "_tokens")
+
     def __init__(
         self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -225,8 +229,12 @@ class AgentConnection:
         self._deps = deps
         self._settings = deps.settings
         self._remote_addr = remote_addr
-        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=deps.settings.send_queue_frames)
+        self._queue: deque[str] | None = None
+        """Frames waiting for the writer (at most ``send_queue_frames``); None while none wait:
+        an idle agent holds neither a queue nor a writer task."""
         self._writer: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        """Publishes ``presence.connected`` (``_announce``); None once done."""
         self._pending: dict[str, PendingRequest] = {}
         self._sessions: dict[str, HeldSession] = {}
         self._cmd_sub: BusSubscription | None = None
@@ -294,15 +302,17 @@ class AgentConnection:
         if self.closing:
             return False
         text = encode_text(frame) if as_received is None else _text(as_received, frame)
-        try:
-            self._queue.put_nowait(text)
-        except asyncio.QueueFull:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        elif len(queue) >= self._settings.send_queue_frames:
             log.warning("send queue overflow", extra=self._extra())
             self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
             return False
+        queue.append(text)
         if self._writer is None and not self._ended:
             # the writer lives only while frames wait: an idle agent holds no task for it
-            self._writer = asyncio.create_task(self._write(), name=f"writer-{self.conn_id}")
+            self._writer = asyncio.create_task(self._write(queue), name=f"writer-{self.conn_id}")
         return True
 
     def close(
@@ -371,45 +381,68 @@ class AgentConnection:
         ``set_up`` once ``presence.connected`` is acknowledged by the stream (or given up),
         the end of the connection's set-up (the welcome is queued before).
         """
-        subjects = self._deps.subjects
-        connected: asyncio.Task[None] | None = None
         try:
-            try:
-                # Subscribe before the welcome: once the agent is told it is connected, a
-                # request on its command subject must find a responder.
-                self._cmd_sub = await self._deps.bus.subscribe(
-                    subjects.agent_commands(self.agent_id), self._on_command
-                )
-            except BusError as exc:
-                log.error("command subscription failed: %s", exc, extra=self._extra())
-                self.close(CloseCode.INTERNAL_ERROR, DisconnectReason.CLOSED, "bus unavailable")
-            else:
-                # Current only once the subscription is flushed: while the hub names this
-                # connection current, a command on the agent's subject finds a responder here.
-                self._deps.hub.register(self)
-                if admitted is not None:
-                    admitted(self)
-            self.send(
-                Welcome(
-                    agent_id=self.agent_id,
-                    conn_id=self.conn_id,
-                    gateway_id=self._deps.gateway_id,
-                    heartbeat_interval_s=self._settings.agent_heartbeat_interval_s,
-                )
-            )
-            event = AgentConnected(
-                **self._stamp(), event_id=new_id(), at=_now(), remote_addr=self._remote_addr
-            )
-            connected = asyncio.create_task(self._announce(event, published=set_up))
-            log.info("agent connected", extra=self._extra())
+            await self._set_up(admitted, set_up)
             await self._read()
         finally:
-            await self._finish(connected)
+            await self._finish()
+
+    async def _set_up(
+        self,
+        admitted: Callable[[AgentConnection], None] | None,
+        set_up: Callable[[], None] | None,
+    ) -> None:
+        """Subscribe, register, welcome, announce (see ``run``). A method of its own: what it
+        builds (the presence event, ...) is not kept alive by ``run``'s frame for the life of
+        the connection."""
+        try:
+            # Subscribe before the welcome: once the agent is told it is connected, a
+            # request on its command subject must find a responder.
+            self._cmd_sub = await self._deps.bus.subscribe(
+                self._deps.subjects.agent_commands(self.agent_id), self._on_command
+            )
+        except BusError as exc:
+            log.error("command subscription failed: %s", exc, extra=self._extra())
+            self.close(CloseCode.INTERNAL_ERROR, DisconnectReason.CLOSED, "bus unavailable")
+        else:
+            # Current only once the subscription is flushed: while the hub names this
+            # connection current, a command on the agent's subject finds a responder here.
+            self._deps.hub.register(self)
+            if admitted is not None:
+                admitted(self)
+        self.send(
+            Welcome(
+                agent_id=self.agent_id,
+                conn_id=self.conn_id,
+                gateway_id=self._deps.gateway_id,
+                heartbeat_interval_s=self._settings.agent_heartbeat_interval_s,
+            )
+        )
+        event = AgentConnected(
+            **self._stamp(), event_id=new_id(), at=_now(), remote_addr=self._remote_addr
+        )
+        announcing = asyncio.create_task(self._announce(event, published=set_up))
+        self._announcing = announcing
+        announcing.add_done_callback(self._announced)
+        log.info("agent connected", extra=self._extra())
+
+    def _announced(self, task: asyncio.Task[None]) -> None:
+        if self._announcing is task:
+            self._announcing = None  # a finished task is not kept for the connection's life
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "presence.connected not announced: %s at %s",
+                type(exc).__name__,
+                _where(exc),
+                extra=self._extra(),
+            )
 
     async def _read(self) -> None:
         traffic = self._deps.metrics.traffic
-        with contextlib.suppress(ConnectionClosed):
-            async for message in self.ws:
+        # recv() rather than ``async for``: no async generator kept per connection
+        try:
+            while True:
+                message = await self.ws.recv()
                 traffic.frames_in += 1
                 traffic.bytes_in += len(message)
                 if self.closing:
@@ -435,6 +468,8 @@ class AgentConnection:
                     self._refuse(
                         ErrorCode.INTERNAL_ERROR, "the gateway could not handle this frame"
                     )
+        except ConnectionClosed:
+            return  # the socket ended, cleanly or not: _finish tells which
 
     async def _on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -461,21 +496,24 @@ class AgentConnection:
             return encode(envelope(**self._stamp(), **fields, frame=frame))
         return encode_spliced(envelope, {**self._stamp(), **fields}, handled[1])
 
-    async def _write(self) -> None:
+    async def _write(self, queue: deque[str]) -> None:
         """Send what is queued, in order, then end (``send`` starts the next writer)."""
         traffic = self._deps.metrics.traffic
         try:
             with contextlib.suppress(ConnectionClosed):
-                while not self._queue.empty():
-                    text = self._queue.get_nowait()
+                while queue:
+                    text = queue.popleft()
                     await self.ws.send(text)
                     traffic.frames_out += 1
                     traffic.bytes_out += len(text)
         finally:
-            # no await between the empty queue and this: a send() after it starts a new writer
+            # No await between the empty queue and this: a send() after it starts a new writer
+            # (and a new queue: an idle connection keeps none).
             self._writer = None
+            if not queue and self._queue is queue:
+                self._queue = None
 
-    async def _finish(self, connected: asyncio.Task[None] | None) -> None:
+    async def _finish(self) -> None:
         self._ended = True
         self._deps.hub.unregister(self)
         writer = self._writer
@@ -497,8 +535,10 @@ class AgentConnection:
         if self._close is not None and self._close.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._close.task, self._settings.close_timeout_s)
+        connected = self._announcing
         if connected is not None:
-            # connected must reach the stream before disconnected (both retries are bounded)
+            # connected must reach the stream before disconnected (both retries are bounded);
+            # a failure of its own is logged by _announced
             with contextlib.suppress(Exception):
                 await connected
         event = AgentDisconnected(

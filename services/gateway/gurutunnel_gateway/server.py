@@ -10,7 +10,8 @@ Contract:
   (exactly one ``Authorization: Bearer`` header) is verified *before* the upgrade;
   missing/repeated/invalid -> 401, revoked ->
   403, draining or NATS down -> 503, all with ``{"error": {"code", "message"}}`` and no socket.
-  Any other path -> 404.
+  Once verified, the credential is removed from the request websockets keeps for the life of
+  the socket. Any other path -> 404.
 - Handshake slots: at most ``max_concurrent_handshakes`` upgrades are between the credential
   check and their ``presence.connected`` acknowledgement at once (the others wait, in arrival
   order, within ``open_timeout_s``); a slot is taken after the credential check and given back
@@ -108,6 +109,13 @@ async def _never_upgraded(ws: ServerConnection) -> None:
     await ws.close(CloseCode.PROTOCOL_ERROR, "no WebSocket here")
 
 
+def _peer(ws: ServerConnection) -> str | None:
+    """``host:port`` of the agent's end of the socket (a function of its own: the handler's
+    frame keeps no address tuple for the connection's life)."""
+    remote = ws.remote_address
+    return f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else None
+
+
 def _error(
     connection: ServerConnection, status: HTTPStatus, code: ErrorCode, message: str
 ) -> Response:
@@ -140,6 +148,7 @@ class _HandshakeSlot:
         self._released = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None  # the connection keeps its slot: not the cancelled timer too
         self._semaphore.release()
 
 
@@ -386,6 +395,9 @@ class Gateway:
             )
             self.metrics.upgrade_refused(exc.status)
             return _error(connection, HTTPStatus(exc.status), exc.code, exc.message)
+        # websockets keeps the request for the connection's life: the credential is not kept
+        # with it (verified, it is not needed again, and nothing can leak it from there)
+        del request.headers["Authorization"]
         # A handshake slot from here until presence.connected is acknowledged: in a reconnect
         # storm the sockets already served keep getting the loop (``max_concurrent_handshakes``);
         # the others wait here, in arrival order. Taken after the credential check, so a refusal
@@ -416,9 +428,7 @@ class Gateway:
             if identity is None:  # cannot happen: process_request ran first
                 await ws.close(CloseCode.UNAUTHORIZED, "unauthenticated")
                 return
-            remote = ws.remote_address
-            remote_addr = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else None
-            conn = AgentConnection(ws, identity, self._deps, remote_addr=remote_addr)
+            conn = AgentConnection(ws, identity, self._deps, remote_addr=_peer(ws))
             if self.draining:
                 return
             await conn.run(admitted=self._admit, set_up=None if slot is None else slot.release)

@@ -14,7 +14,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from gurutunnel_gateway.bus import BusSubscription, MessageHandler, NatsBus
 from gurutunnel_gateway.server import Gateway, _HandshakeSlot
-from gurutunnel_protocol import Subjects, new_id
+from gurutunnel_protocol import ErrorCode, Subjects, new_id
 from gurutunnel_protocol.envelope import (
     decode_agent_to_server,
     decode_command_result,
@@ -23,6 +23,7 @@ from gurutunnel_protocol.envelope import (
 )
 from gurutunnel_protocol.messages import (
     CommandReply,
+    ErrorFrame,
     TerminalChunk,
     TunnelOpen,
     TunnelReady,
@@ -211,3 +212,28 @@ async def test_upgrade_refused_after_the_credential_check_gives_its_slot_back_at
     assert not gateway._handshakes.locked()
     async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], new_id())) as ws:
         assert isinstance(await asyncio.wait_for(recv_frame(ws), TIMEOUT_S), Welcome)
+
+
+async def test_an_idle_agent_holds_no_send_queue_no_task_of_its_own_and_no_credential(
+    gateway: Gateway, agent_key: Key
+) -> None:
+    """Once welcomed and announced, an idle connection keeps no send queue, writer, announce
+    task or bus delivery task (memory per idle agent), and the request websockets keeps no
+    longer carries the credential; the next frame still gets through."""
+    agent_id = new_id()
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+        assert isinstance(await recv_frame(ws), Welcome)
+        conn = gateway.hub.current(agent_id)
+        assert conn is not None
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while conn._announcing is not None or conn._writer is not None:
+            assert asyncio.get_running_loop().time() < deadline, "set-up did not end in time"
+            await asyncio.sleep(0.01)
+        assert conn.connected_seq is not None
+        assert conn._queue is None
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "nats-dispatch"]
+        assert conn.ws.request is not None
+        assert "Authorization" not in conn.ws.request.headers
+        probe = ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message="probe")
+        assert conn.send(probe)  # a queue and a writer come back for it
+        assert await recv_frame(ws) == probe

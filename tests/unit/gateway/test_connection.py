@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import cast
 
 import pytest
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosedOK
 
 from gurutunnel_gateway.auth import AgentIdentity
 from gurutunnel_gateway.bus import BusSubscription, MessageHandler
@@ -101,6 +101,12 @@ def make_connection(**overrides: object) -> tuple[AgentConnection, StuckSocket, 
     conn = AgentConnection(cast(ServerConnection, ws), identity, deps)
     hub.register(conn)
     return conn, ws, bus, hub
+
+
+def queued(conn: AgentConnection) -> str:
+    """The next frame waiting in ``conn``'s send queue."""
+    assert conn._queue, "no frame queued"
+    return conn._queue.popleft()
 
 
 def request(req_id: str = "r1") -> bytes:
@@ -219,13 +225,11 @@ class ScriptedSocket:
         self.closed_with: tuple[int, str] | None = None
         self.close_code: int | None = None
 
-    def __aiter__(self) -> AsyncIterator[str | bytes]:
-        return self._messages()
-
-    async def _messages(self) -> AsyncIterator[str | bytes]:
-        for message in self.incoming:
-            yield message
+    async def recv(self) -> str | bytes:
+        if self.incoming:
+            return self.incoming.pop(0)
         await self.closed.wait()
+        raise ConnectionClosedOK(None, None)
 
     async def send(self, text: str) -> None:
         self.sent.append(text)
@@ -265,6 +269,27 @@ def unregistered_connection(
     )
     identity = AgentIdentity(agent_id="agent-1", issued_at=datetime.now(UTC))
     return AgentConnection(cast(ServerConnection, ws), identity, deps), hub
+
+
+def holds_nothing(conn: AgentConnection) -> bool:
+    """No send queue and no writer task (an idle connection)."""
+    return conn._queue is None and conn._writer is None
+
+
+async def test_frames_go_out_in_order_and_an_idle_connection_keeps_no_queue() -> None:
+    """Queued frames are sent in order; once sent, neither the queue nor the writer is kept,
+    and the next frame brings both back."""
+    ws = ScriptedSocket()
+    conn, _ = unregistered_connection(ws, FakeBus(), send_queue_frames=3)
+    frames = [ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message=str(n)) for n in range(4)]
+    assert all(conn.send(frame) for frame in frames[:3])
+    assert conn._writer is not None
+    await asyncio.wait_for(conn._writer, 2)
+    assert holds_nothing(conn)
+    assert conn.send(frames[3])
+    await asyncio.wait_for(conn._writer, 2)
+    assert [decode_server_to_agent(text) for text in ws.sent] == frames
+    assert holds_nothing(conn)
 
 
 async def test_connection_is_registered_only_after_its_command_subscription() -> None:
@@ -311,7 +336,7 @@ async def test_frame_handler_bug_answers_internal_error_and_loop_goes_on(
     while not bus.published:
         assert time.monotonic() < deadline, "heartbeat not published in time"
         await asyncio.sleep(0)
-    error = decode_server_to_agent(conn._queue.get_nowait())
+    error = decode_server_to_agent(queued(conn))
     assert isinstance(error, ErrorFrame)
     assert error.code == ErrorCode.INTERNAL_ERROR
     assert bus.published[0][0] == conn._deps.subjects.agent_events("agent-1", "heartbeat")
@@ -339,9 +364,9 @@ async def test_reply_of_the_wrong_kind_gets_error_frame_and_request_stays_pendin
     """tunnel.ready answering a terminal.command is refused; the right reply still answers."""
     conn, _, bus, _ = make_connection()
     await conn._on_command(request("r1"), "reply.1")
-    conn._queue.get_nowait()  # the forwarded request
+    queued(conn)  # the forwarded request
     await conn._on_agent_frame(TunnelReady(req_id="r1", session_id="s1"))
-    error = decode_server_to_agent(conn._queue.get_nowait())
+    error = decode_server_to_agent(queued(conn))
     assert isinstance(error, ErrorFrame)
     assert (error.code, error.req_id) == (ErrorCode.MALFORMED_FRAME, "r1")
     assert bus.published == []

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gurutunnel_agent.client import Backoff
 from gurutunnel_protocol import ErrorCode, ProtocolError
@@ -195,6 +195,12 @@ class Counters:
     connections: int = 0
     attempts: int = 0
     failures: int = 0
+    refused: int = 0
+    """Failures by kind: TCP connection refused (a dead gateway)."""
+    timeouts: int = 0
+    """... no open handshake within the client's open_timeout."""
+    rejected: int = 0
+    """... an HTTP answer other than 101 (e.g. 503 while draining)."""
     errors_received: int = 0
     commands: int = 0
 
@@ -703,8 +709,14 @@ class SimProcess:
                     await ws.close()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 self.counters.failures += 1
+                if isinstance(exc, ConnectionRefusedError):
+                    self.counters.refused += 1
+                elif isinstance(exc, TimeoutError):
+                    self.counters.timeouts += 1
+                elif isinstance(exc, InvalidStatus):
+                    self.counters.rejected += 1
             if self.stopping.is_set():
                 return
             going_away = sock is not None and sock.reconnect_delay_s is not None

@@ -298,6 +298,8 @@ async def _storm_side(
     try:
         await _reach(children, n, p.idle_connect_timeout_s, shares)
         before = sum(int(c.status.get("welcomes", 0)) for c in children)
+        counted = ("attempts", "refused", "timeouts", "rejected", "failures")
+        at_kill = {k: sum(int(c.status.get(k, 0)) for c in children) for k in counted}
         done = asyncio.Event()
         probing = (
             asyncio.create_task(prober.run(p.storm_probe_rate_per_s, done)) if prober else None
@@ -316,9 +318,11 @@ async def _storm_side(
         done.set()
         if probing is not None:
             await probing
+        # how the agents got back: attempts per agent and failed attempts by kind, since the kill
+        attempts = {k: sum(int(c.status.get(k, 0)) for c in children) - at_kill[k] for k in counted}
     finally:
         await _stop_all(children)
-    return {"seconds": finished, "timeline": timeline, "agents": n}
+    return {"seconds": finished, "timeline": timeline, "agents": n, "attempts": attempts}
 
 
 async def run_storm(bench: Bench) -> ScenarioResult:

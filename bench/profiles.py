@@ -28,7 +28,12 @@ class Profile:
     # 2 throughput
     tp_in_flight: int
     tp_duration_s: float
+    """Measured time of each side, split over ``tp_rounds`` windows."""
     tp_warmup_s: float
+    """Unmeasured time before each window."""
+    tp_rounds: int
+    """Windows per side, the two sides alternating: a change of the machine's load during the
+    run falls on both sides alike."""
     # 3 open
     open_agents: int
     open_samples: int
@@ -75,8 +80,9 @@ FULL = Profile(
     rt_rest_samples=1500,
     rt_warmup=100,
     tp_in_flight=64,
-    tp_duration_s=10.0,
-    tp_warmup_s=2.0,
+    tp_duration_s=12.0,
+    tp_warmup_s=0.5,
+    tp_rounds=4,
     open_agents=4,
     open_samples=400,
     stream_bytes=64 * MIB,
@@ -102,7 +108,8 @@ QUICK = Profile(
     rt_warmup=30,
     tp_in_flight=64,
     tp_duration_s=2.0,
-    tp_warmup_s=1.0,
+    tp_warmup_s=0.5,
+    tp_rounds=2,
     open_agents=2,
     open_samples=60,
     stream_bytes=8 * MIB,
@@ -129,6 +136,7 @@ SMOKE = Profile(
     tp_in_flight=4,
     tp_duration_s=0.5,
     tp_warmup_s=0.2,
+    tp_rounds=1,
     open_agents=1,
     open_samples=6,
     stream_bytes=1 * MIB,

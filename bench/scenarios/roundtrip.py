@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 
 from ..harness import Bench, CpuMeter
@@ -209,12 +210,14 @@ async def run_throughput(bench: Bench) -> ScenarioResult:
     await waiter.start(bench)
     errors = {"gurutunnel": 0, "bridge": 0}
 
-    async def measure(side: str) -> tuple[float, dict[str, float]]:
-        """(commands per second in the measured window, CPU % of each process group)."""
+    window_s = p.tp_duration_s / p.tp_rounds
+
+    async def measure(side: str) -> tuple[int, dict[str, float]]:
+        """(commands completed in one measured window, CPU % of each process group)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         window_start = start + p.tp_warmup_s
-        window_end = window_start + p.tp_duration_s
+        window_end = window_start + window_s
         done: list[float] = []
         assert bench.bridge_gw is not None
         if side == "gurutunnel":
@@ -251,13 +254,24 @@ async def run_throughput(bench: Bench) -> ScenarioResult:
 
         await asyncio.gather(cpu_probe(), *(worker(k) for k in range(n)))
         counted = sum(1 for t in done if window_start <= t < window_end)
-        return counted / p.tp_duration_s, cpu[0]
+        return counted, cpu[0]
 
+    counts: dict[str, list[int]] = {"gurutunnel": [], "bridge": []}
+    cpus: dict[str, list[dict[str, float]]] = {"gurutunnel": [], "bridge": []}
     try:
-        gt_rate, gt_cpu = await measure("gurutunnel")
-        br_rate, br_cpu = await measure("bridge")
+        for _ in range(p.tp_rounds):  # alternating windows (see Profile.tp_rounds)
+            for side in ("gurutunnel", "bridge"):
+                counted, used = await measure(side)
+                counts[side].append(counted)
+                cpus[side].append(used)
     finally:
         await waiter.stop()
+
+    def mean_cpu(side: str) -> dict[str, float]:
+        return {k: statistics.fmean(c[k] for c in cpus[side]) for k in cpus[side][0]}
+
+    gt_rate, br_rate = (sum(counts[side]) / p.tp_duration_s for side in ("gurutunnel", "bridge"))
+    gt_cpu, br_cpu = mean_cpu("gurutunnel"), mean_cpu("bridge")
     bridge_name = "naive bridge"
     result.rows = [
         Row(
@@ -283,7 +297,11 @@ async def run_throughput(bench: Bench) -> ScenarioResult:
     result.details = {
         "in_flight": n,
         "errors": errors,
-        "window_s": p.tp_duration_s,
+        "window_s": window_s,
+        "rounds": p.tp_rounds,
+        "per_window_rates": {
+            side: [c / window_s for c in counts[side]] for side in ("gurutunnel", "bridge")
+        },
         "cpu_percent_gurutunnel": gt_cpu,
         "cpu_percent_bridge": br_cpu,
     }

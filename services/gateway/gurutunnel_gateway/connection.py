@@ -27,7 +27,9 @@ Contract (docs/design.md "Agent socket" and "Bus"):
 - Every frame to the agent goes through a queue of ``send_queue_frames``; overflow closes the
   socket with ``CloseCode.BACKPRESSURE`` (a request that could not be queued is also answered
   ``CommandFailed{agent_backpressure}``). The queue and its writer task exist only while frames
-  wait: an idle connection holds neither (memory per idle agent).
+  wait: an idle connection holds neither (memory per idle agent). A command is written by the
+  task that handles it when nothing waits and the socket's buffer is empty (``send_now``: no
+  writer task per command); frames sent meanwhile queue behind it, so order is kept.
 - Agent control frames (heartbeats, answers, errors) are rate limited per connection (token
   bucket: ``max_frames_per_s``, burst ``frame_burst``); one over the limit is dropped and
   answered ``error{rate_limited}``. Every frame also spends ``max_read_bytes_per_s`` byte tokens
@@ -233,6 +235,8 @@ class AgentConnection:
         """Frames waiting for the writer (at most ``send_queue_frames``); None while none wait:
         an idle agent holds neither a queue nor a writer task."""
         self._writer: asyncio.Task[None] | None = None
+        self._writing_now = False
+        """A frame is being written by ``send_now`` (later frames queue behind it)."""
         self._announcing: asyncio.Task[None] | None = None
         """Publishes ``presence.connected`` (``_announce``); None once done."""
         self._pending: dict[str, PendingRequest] = {}
@@ -310,9 +314,40 @@ class AgentConnection:
             self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
             return False
         queue.append(text)
-        if self._writer is None and not self._ended:
+        if self._writer is None and not self._ended and not self._writing_now:
             # the writer lives only while frames wait: an idle agent holds no task for it
             self._writer = asyncio.create_task(self._write(queue), name=f"writer-{self.conn_id}")
+        return True
+
+    async def send_now(self, frame: Frame, *, as_received: bytes | None = None) -> bool:
+        """``send``, but written by the caller when nothing waits before it and the socket's
+        buffer is empty (so the write does not wait for the agent): a command costs no writer
+        task. Otherwise queued as by ``send``. Order is kept: frames sent meanwhile queue."""
+        transport = self.ws.transport
+        if (
+            self._writer is not None
+            or self._queue is not None
+            or self._writing_now
+            or self.closing
+            or transport is None
+            or transport.get_write_buffer_size()
+        ):
+            return self.send(frame, as_received=as_received)
+        text = encode_text(frame) if as_received is None else _text(as_received, frame)
+        traffic = self._deps.metrics.traffic
+        self._writing_now = True
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(text)
+                traffic.frames_out += 1
+                traffic.bytes_out += len(text)
+        finally:
+            self._writing_now = False
+            queue = self._queue
+            if queue and self._writer is None and not self._ended:
+                self._writer = asyncio.create_task(
+                    self._write(queue), name=f"writer-{self.conn_id}"
+                )
         return True
 
     def close(
@@ -735,7 +770,7 @@ class AgentConnection:
             kind=frame.type,
             session_id=frame.session_id,
         )
-        if not self.send(frame, as_received=payload):
+        if not await self.send_now(frame, as_received=payload):
             self._pending.pop(frame.req_id, None)
             await self._fail(reply, ErrorCode.AGENT_BACKPRESSURE, "agent send queue is full")
 

@@ -22,6 +22,7 @@ from gurutunnel_gateway.connection import (
 from gurutunnel_gateway.hub import Hub
 from gurutunnel_protocol import CloseCode, ErrorCode, Subjects
 from gurutunnel_protocol.envelope import (
+    decode_agent_command,
     decode_command_result,
     decode_server_to_agent,
     encode,
@@ -44,11 +45,22 @@ from gurutunnel_protocol.messages import (
 from tests.integration.gateway.credentials import generate_agent_key
 
 
+class FakeTransport:
+    """What the connection asks of the socket's transport: its unsent bytes."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.buffered = buffered
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
 class StuckSocket:
-    """A socket whose peer never reads: sends never complete."""
+    """A socket whose peer never reads: sends never complete, bytes pile up unsent."""
 
     def __init__(self) -> None:
         self.closed_with: tuple[int, str] | None = None
+        self.transport = FakeTransport(buffered=1 << 20)
 
     async def send(self, text: str) -> None:
         await asyncio.Event().wait()
@@ -224,6 +236,7 @@ class ScriptedSocket:
         self.closed = asyncio.Event()
         self.closed_with: tuple[int, str] | None = None
         self.close_code: int | None = None
+        self.transport = FakeTransport()
 
     async def recv(self) -> str | bytes:
         if self.incoming:
@@ -290,6 +303,58 @@ async def test_frames_go_out_in_order_and_an_idle_connection_keeps_no_queue() ->
     await asyncio.wait_for(conn._writer, 2)
     assert [decode_server_to_agent(text) for text in ws.sent] == frames
     assert holds_nothing(conn)
+
+
+class GatedSocket(ScriptedSocket):
+    """Its first send waits until ``release`` is set (a write that has to wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        if not self.sent and not self.release.is_set():
+            self.writing.set()
+            await self.release.wait()
+        await super().send(text)
+
+
+async def test_a_command_on_an_idle_socket_is_written_without_a_writer_task() -> None:
+    """send_now writes at once: no queue, no writer task, before and after."""
+    ws = ScriptedSocket()
+    conn, _ = unregistered_connection(ws, FakeBus())
+    frame = ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message="now")
+    assert await conn.send_now(frame)
+    assert [decode_server_to_agent(text) for text in ws.sent] == [frame]
+    assert holds_nothing(conn)
+
+
+async def test_frames_sent_during_a_direct_write_queue_behind_it_in_order() -> None:
+    """While send_now's write waits, later frames queue; they follow it, in order."""
+    ws = GatedSocket()
+    conn, _ = unregistered_connection(ws, FakeBus())
+    frames = [ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message=str(n)) for n in range(3)]
+    direct = asyncio.create_task(conn.send_now(frames[0]))
+    await asyncio.wait_for(ws.writing.wait(), 2)
+    assert conn.send(frames[1]) and await conn.send_now(frames[2])
+    assert conn._writer is None  # the direct write still runs: nobody else writes yet
+    ws.release.set()
+    assert await asyncio.wait_for(direct, 2)
+    deadline = time.monotonic() + 2
+    while len(ws.sent) < len(frames):  # the writer started by the direct write's end
+        assert time.monotonic() < deadline, "queued frames not written"
+        await asyncio.sleep(0.01)
+    assert [decode_server_to_agent(text) for text in ws.sent] == frames
+    assert holds_nothing(conn)
+
+
+async def test_a_socket_with_unsent_bytes_gets_the_command_queued() -> None:
+    """A busy socket (bytes not yet written): send_now queues like send, nothing waits."""
+    conn, ws, _, _ = make_connection()
+    assert ws.transport.buffered > 0
+    assert await asyncio.wait_for(conn.send_now(decode_agent_command(request())), 1)
+    assert conn._writer is not None and conn._queue is not None
 
 
 async def test_connection_is_registered_only_after_its_command_subscription() -> None:

@@ -16,8 +16,8 @@ Contract:
   check and their ``presence.connected`` acknowledgement at once (the others wait, in arrival
   order, within ``open_timeout_s``); a slot is taken after the credential check and given back
   at the end of the set-up, when websockets refuses the upgrade after ``process_request``
-  (``process_response`` sees a status other than 101), when the handler ends, and at the
-  latest ``open_timeout_s`` after it was taken. A reconnect
+  (``process_response`` sees a status other than 101, or a client that went away while in
+  line), when the handler ends, and at the latest ``open_timeout_s`` after it was taken. A reconnect
   storm then leaves the loop to the sockets already served (their commands stay fast).
 - The process runs on uvloop where installed (``event_loop``); agent sockets negotiate
   permessage-deflate only with ``compression=deflate``.
@@ -63,6 +63,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from gurutunnel_protocol import CloseCode, ErrorCode, ProtocolError, Subjects, new_id
 from gurutunnel_protocol.envelope import decode_control, encode
@@ -413,9 +414,15 @@ class Gateway:
         self, connection: ServerConnection, _request: Request, response: Response
     ) -> None:
         """websockets may still refuse an upgrade after ``process_request`` (a bad
-        ``Sec-WebSocket-Key`` or version: 400; the server closing: 503); the handler then never
-        runs, so give the slot back here rather than after ``open_timeout_s``."""
-        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+        ``Sec-WebSocket-Key`` or version: 400; the server closing: 503), and it sends nothing to
+        a client that went away meanwhile (one that gave up while waiting for a slot: the
+        connection is no longer ``CONNECTING``); the handler then never runs, so give the slot
+        back here rather than after ``open_timeout_s`` (in a storm, agents that time out in line
+        would otherwise hold every slot that long, and admissions would stop)."""
+        if (
+            response.status_code != HTTPStatus.SWITCHING_PROTOCOLS
+            or connection.state is not State.CONNECTING
+        ):
             self._identities.pop(connection, None)
             slot = self._slots.pop(connection, None)
             if slot is not None:

@@ -214,6 +214,39 @@ async def test_upgrade_refused_after_the_credential_check_gives_its_slot_back_at
         assert isinstance(await asyncio.wait_for(recv_frame(ws), TIMEOUT_S), Welcome)
 
 
+async def test_agent_gone_while_in_line_does_not_keep_the_slot_it_is_then_given(
+    start_gateway: StartGateway, agent_key: Key
+) -> None:
+    """An agent that gives up while waiting for a handshake slot gets nothing when its turn
+    comes, and the slot comes back at once, not open_timeout_s later: in a storm, agents that
+    time out in line would otherwise hold every slot that long and stop all admissions."""
+    gateway = await start_gateway(max_concurrent_handshakes=1, open_timeout_s=30.0)
+    await gateway._handshakes.acquire()  # an upgrade in progress holds the one slot
+    credential = mint_agent_credential(agent_key[0], new_id())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(
+            (
+                "GET /agent/v1/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Authorization: Bearer {credential}\r\n\r\n"
+            ).encode()
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            # in line for the slot (asyncio.Semaphore's waiters: no public count exists)
+            while not gateway._handshakes._waiters:
+                await asyncio.sleep(0.01)
+        writer.write_eof()  # the agent gives up
+        # the gateway saw it go (it ends its side) while the upgrade is still in line
+        assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
+    finally:
+        writer.close()
+    gateway._handshakes.release()  # the gone upgrade's turn
+    async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], new_id())) as ws:
+        assert isinstance(await asyncio.wait_for(recv_frame(ws), TIMEOUT_S), Welcome)
+
+
 async def test_an_idle_agent_holds_no_send_queue_no_task_of_its_own_and_no_credential(
     gateway: Gateway, agent_key: Key
 ) -> None:

@@ -269,10 +269,15 @@ class AgentSocket:
     async def _fast_echo(self, raw: str) -> bool:
         """Answer ``bench echo`` in the open session from a plain JSON parse (the codec's
         validation is not what the gateway benchmarks measure); False: take the full path."""
-        fields = json.loads(raw)
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            return False
         if (
-            fields.get("type") != "terminal.command"
+            not isinstance(fields, dict)
+            or fields.get("type") != "terminal.command"
             or fields.get("command") != "bench echo"
+            or fields.get("inline_result") is not True
             or fields.get("session_id") != self.session_id
             or fields.get("channel_id") in self.channels
             or not isinstance(fields.get("req_id"), str)
@@ -428,7 +433,7 @@ class AgentSocket:
             )
             return
         self.process.counters.commands += 1
-        if words[1] == "echo":
+        if words[1] == "echo" and frame.inline_result:
             # ended before the answer: output and exit travel in it
             assert frame.req_id is not None
             await self.ws.send(echo_answer_text(frame.req_id, frame.session_id, frame.channel_id))
@@ -438,6 +443,10 @@ class AgentSocket:
                 req_id=frame.req_id, session_id=frame.session_id, channel_id=frame.channel_id
             )
         )
+        if words[1] == "echo":  # a sender that reads no inline result: streamed, as before
+            await self.ws.send(chunk_text(frame.session_id, frame.channel_id, 0, "b2sK"))
+            await self.send(self._exit(frame, 1, ExitReason.EXITED, 0.0, 3))
+            return
         total, chunk = int(words[2]), int(words[3])
         task = asyncio.create_task(self._stream(frame, total, chunk))
         self.channels[frame.channel_id] = task

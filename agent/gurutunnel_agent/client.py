@@ -39,8 +39,9 @@ Contract:
   returns. ``terminal.command`` first checks and opens its working directory on a worker
   thread (``open_cwd``, bounded by ``cwd_timeout_s``; refused -> ``tunnel.error
   {cwd_not_allowed}`` and the channel released), spawns the process, answers
-  ``terminal.started{pid}`` (same ``req_id``; it waits up to ``inline_result_window_s`` so that a
-  short command's output and exit travel in it), then streams; ``shell.open`` answers
+  ``terminal.started{pid}`` (same ``req_id``; when the request says ``inline_result`` it waits up
+  to ``inline_result_window_s``, in the reader, so that a short command's output and exit travel
+  in it), then streams; ``shell.open`` answers
   ``channel.opened{shell}``. The channel's output is opened even if that answer fails, so the
   channel still ends. Each channel runs as one task of the connection, emitting through
   :meth:`AgentClient._send` (awaited: back-pressure from a slow socket reaches the pipe). A
@@ -672,7 +673,9 @@ class AgentClient:
                 chunk_bytes=s.chunk_bytes,
                 max_output_bytes=s.max_output_bytes,
                 kill_grace_s=s.kill_grace_s,
-                inline_result_bytes=s.inline_result_bytes if s.inline_result_window_s else 0,
+                inline_result_bytes=s.inline_result_bytes
+                if frame.inline_result and s.inline_result_window_s
+                else 0,
             ),
             emit=self._emitter(conn),
         )
@@ -680,6 +683,7 @@ class AgentClient:
 
         async def answer() -> AgentToServer:
             # the command runs meanwhile (launched before): a short one ends in the answer
+            # (held only when the request asked for it: settle() returns at once otherwise)
             output, exit_frame = await runtime.output.settle(s.inline_result_window_s)
             return TerminalStarted(
                 req_id=frame.req_id,

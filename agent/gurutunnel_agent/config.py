@@ -28,12 +28,14 @@ Contract:
   worker thread: a hung mount refuses the command instead of stalling the agent) and
   ``shell_input_buffer_bytes`` (``GT_AGENT_SHELL_INPUT_BUFFER_BYTES``, technician input queued
   per shell; beyond it input is refused with ``tunnel.error{agent_backpressure}``).
-- A short command is answered in one frame: ``inline_result_window_s``
-  (``GT_AGENT_INLINE_RESULT_WINDOW_S``, 20 ms; 0 turns it off) is how long the agent waits after
-  the spawn for the command to end before it answers ``terminal.started``, and
-  ``inline_result_bytes`` (``GT_AGENT_INLINE_RESULT_BYTES``, 32 KiB) how much output the answer
-  may carry; what ended in time travels in the answer (``terminal.started.output``/``.exit``),
-  the rest streams as usual. Only the ``terminal.started`` answer waits, never the command.
+- A short command is answered in one frame when the request asks for it (``inline_result``):
+  ``inline_result_window_s`` (``GT_AGENT_INLINE_RESULT_WINDOW_S``, 20 ms; 0 turns it off) is how
+  long the agent waits after the spawn for the command to end before it answers
+  ``terminal.started``, and ``inline_result_bytes`` (``GT_AGENT_INLINE_RESULT_BYTES``, 32 KiB)
+  how much output the answer may carry; what ended in time travels in the answer
+  (``terminal.started.output``/``.exit``), the rest streams as usual. The command itself never
+  waits; the connection's reader does, for at most the window per command start (the start is
+  handled in the reader, as before).
 - File transfer settings (``gurutunnel_agent.channels.files``): ``file_allowlist``
   (``GT_AGENT_FILE_ALLOWLIST``, JSON list / TOML array of absolute directories a transfer may
   touch, subdirectories included; default: the same as ``cwd_allowlist``, the home directory),

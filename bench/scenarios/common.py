@@ -108,6 +108,7 @@ async def bus_command(
         channel_id=new_id(),
         command="bench echo",
         timeout_s=30,
+        inline_result=True,
     )
     payload = encode(frame)
     subject = bench.subjects.agent_commands(agent_id)
@@ -134,7 +135,7 @@ def echo_command_bytes(req_id: str, session_id: str, channel_id: str) -> bytes:
     return (
         f'{{"v":1,"type":"terminal.command","req_id":"{req_id}","session_id":"{session_id}",'
         f'"channel_id":"{channel_id}","command":"bench echo","argv":null,"cwd":null,'
-        '"timeout_s":30.0,"max_output_bytes":null}'
+        '"timeout_s":30.0,"max_output_bytes":null,"inline_result":true}'
     ).encode()
 
 

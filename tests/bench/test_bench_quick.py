@@ -108,6 +108,11 @@ def test_simulated_agent_echo_answer_is_what_the_codec_encodes() -> None:
 def test_throughput_requests_are_what_the_codec_encodes() -> None:
     """The hand-built ``bench echo`` request of scenario 2 equals the API's encoding."""
     frame = Terminal(
-        req_id="r1", session_id="s1", channel_id="c1", command="bench echo", timeout_s=30
+        req_id="r1",
+        session_id="s1",
+        channel_id="c1",
+        command="bench echo",
+        timeout_s=30,
+        inline_result=True,
     )
     assert echo_command_bytes("r1", "s1", "c1") == encode(frame)

@@ -75,11 +75,14 @@ class ChannelOutput:
     async def settle(self, window_s: float) -> tuple[list[TerminalChunk], TerminalExit | None]:
         """Stop holding once the channel ended, a frame did not fit, or after ``window_s``;
         return the held chunks and exit frame (for the answer; see the module contract)."""
-        if self._holding:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(window_s):
-                    await self._settled.wait()
-        self._holding = False
+        try:
+            if self._holding:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(window_s):
+                        await self._settled.wait()
+        finally:
+            # even when cancelled: a holding output would keep every later frame, exit included
+            self._holding = False
         held, self._held = self._held, []
         chunks = [f for f in held if isinstance(f, TerminalChunk)]
         exits = [f for f in held if isinstance(f, TerminalExit)]  # at most one, the last

@@ -504,8 +504,15 @@ class NatsBus:
             raise _translate(exc) from None
         # The server knows the interest once a PING sent after the SUB is answered:
         # subscribe-before-publish.
-        await self._subscriptions_flushed()
-        return _NatsSubscription(sub)
+        subscription = _NatsSubscription(sub)
+        try:
+            await self._subscriptions_flushed()
+        except BaseException:
+            # not handed to the caller, so nobody else could end it: a stale handler would
+            # keep answering for a connection that never started
+            await subscription.unsubscribe()
+            raise
+        return subscription
 
     async def _subscriptions_flushed(self) -> None:
         """Wait for a PING/PONG round trip that follows every SUB queued so far.

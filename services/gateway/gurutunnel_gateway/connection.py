@@ -183,6 +183,11 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
+_DIRECT_WRITE_MAX_BYTES = 8 * 1024
+"""Largest frame ``send_now`` writes itself: well under the transport's high-water mark
+(websockets' 32 KiB by default), so the write never waits for the agent to read."""
+
+
 def _where(exc: BaseException) -> str:
     """Where ``exc`` was raised (file:line in function), without its message (may hold data)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -320,9 +325,10 @@ class AgentConnection:
         return True
 
     async def send_now(self, frame: Frame, *, as_received: bytes | None = None) -> bool:
-        """``send``, but written by the caller when nothing waits before it and the socket's
-        buffer is empty (so the write does not wait for the agent): a command costs no writer
-        task. Otherwise queued as by ``send``. Order is kept: frames sent meanwhile queue."""
+        """``send``, but written by the caller when nothing waits before it, the socket's buffer
+        is empty and the frame is small (so the write does not wait for the agent): a command
+        costs no writer task. Otherwise queued as by ``send``. Order is kept: frames sent
+        meanwhile queue."""
         transport = self.ws.transport
         if (
             self._writer is not None
@@ -331,6 +337,7 @@ class AgentConnection:
             or self.closing
             or transport is None
             or transport.get_write_buffer_size()
+            or len(as_received or b"") > _DIRECT_WRITE_MAX_BYTES
         ):
             return self.send(frame, as_received=as_received)
         text = encode_text(frame) if as_received is None else _text(as_received, frame)

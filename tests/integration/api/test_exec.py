@@ -484,6 +484,7 @@ async def test_frames_carried_in_the_started_answer_come_first(
         msgs = await _ws_exec_events(world)
         assert [m["type"] for m in msgs] == ["started", "chunk", "chunk", "chunk", "exit"], msgs
         assert [m["seq"] for m in msgs[1:]] == [0, 1, 2, 3]
+    assert world.gw.terminals()[-1].inline_result is True  # the API asks for it
 
     async def completed() -> bool:
         rows = await world.audit()

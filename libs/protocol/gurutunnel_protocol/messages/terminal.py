@@ -7,11 +7,13 @@ Contract:
   ``invalid_command``, ``too_many_channels``), then streams ``terminal.chunk`` frames as output is
   produced and always ends the channel with one ``terminal.exit``. Chunks and the exit frame of a
   channel are numbered ``seq`` 0, 1, 2, ... with no gaps, so a receiver can see loss.
-- The answer may carry the channel's first frames: ``terminal.started.output`` (chunks ``seq``
-  0, 1, ...) and, when the command already ended, ``terminal.started.exit`` (the next ``seq``).
-  Streamed frames then continue the numbering; with ``exit`` set nothing follows. A short
-  command is thus one request and one answer (an agent waits a few milliseconds before
-  answering, ``inline_result_window_s``, for exactly this).
+- When the request says ``inline_result: true``, the answer may carry the channel's first
+  frames: ``terminal.started.output`` (chunks ``seq`` 0, 1, ...) and, when the command already
+  ended, ``terminal.started.exit`` (the next ``seq``). Streamed frames then continue the
+  numbering; with ``exit`` set nothing follows. A short command is thus one request and one
+  answer (an agent waits a few milliseconds before answering, ``inline_result_window_s``, for
+  exactly this). Opt-in, because a receiver that does not know these fields would ignore them
+  and lose the output: an older agent ignores the flag and streams, which every receiver reads.
 - ``terminal.cancel`` (server -> agent, no answer) kills the command's whole process tree; its
   exit frame then says ``cancelled``. A timeout does the same with ``timeout``; closing the
   session ends every channel with ``session_closed``.
@@ -71,6 +73,8 @@ class Terminal(Frame):
     cwd: str | None = Field(default=None, max_length=MAX_PATH_CHARS)
     timeout_s: float = Field(default=300.0, gt=0, le=86400)
     max_output_bytes: int | None = Field(default=None, gt=0)
+    inline_result: bool = False
+    """The sender reads ``terminal.started.output``/``.exit`` (see the module contract)."""
 
     @model_validator(mode="after")
     def _one_of_command_or_argv(self) -> Self:

@@ -674,6 +674,7 @@ async def _send_command(
                 cwd=spec.cwd,
                 timeout_s=spec.timeout_s,
                 max_output_bytes=spec.max_output_bytes,
+                inline_result=True,
             ),
             ctx.settings.exec_start_timeout_s,
         )
@@ -922,6 +923,21 @@ class CommandRun:
             self.ctx.metrics.command_finished(code.value)
 
     async def _drain_after_cancel(self) -> None:
+        carried = [f for f in self._first_frames if isinstance(f, TerminalExit)]
+        if carried:
+            # it ended in the agent's answer, unread: no cancel, the exit is already here
+            try:
+                exit_frame = carried[0]
+                await complete_audit(
+                    self.ctx.sessionmaker,
+                    self.audit_id,
+                    reason=exit_frame.reason.value,
+                    exit_frame=exit_frame,
+                )
+                self.ctx.metrics.command_finished(exit_frame.reason.value)
+            finally:
+                await self.sub.close()
+            return
         try:
             with contextlib.suppress(BusError):
                 await self.ctx.bus.publish_session_down(

@@ -393,6 +393,7 @@ class TechSocket:
                 cwd=msg.cwd,
                 timeout_s=msg.timeout_s,
                 max_output_bytes=msg.max_output_bytes,
+                inline_result=True,
             )
             if isinstance(msg, WsExecIn)
             else ShellOpen(

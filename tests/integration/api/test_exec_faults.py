@@ -402,3 +402,52 @@ async def test_send_queue_bounded_in_bytes_drops_a_stalled_reader_with_1013() ->
             queued.append(item)
     assert sum(len(text) for text in queued) <= bound
     assert bound // 4200 <= sent <= bound // 4096 + 2  # it stopped at the bound, not before
+
+
+class _DownRecorder:
+    """The bus as far as an abandoned run uses it: records what would go to the agent."""
+
+    def __init__(self) -> None:
+        self.down: list[object] = []
+
+    async def publish_session_down(self, session_id: str, frame: object) -> None:
+        self.down.append(frame)
+
+
+async def test_abandoned_command_whose_exit_came_in_the_answer_is_audited_from_that_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader gone before reading a command whose exit travelled in terminal.started: its
+    audit row is completed from that exit at once (reason, exit code), no cancel is sent and
+    no grace is waited for (sans I/O: the audit writer and the bus are recorded)."""
+    completed: list[tuple[int, str, object]] = []
+
+    async def record(
+        sessionmaker: object, audit_id: int, *, reason: str, exit_frame: object = None, **_: object
+    ) -> None:
+        completed.append((audit_id, reason, exit_frame))
+
+    monkeypatch.setattr(service, "complete_audit", record)
+    bus = _DownRecorder()
+    ctx = WorkContext(
+        settings=ApiSettings(jwt_secret=JWT_SECRET, exec_close_grace_s=30.0),
+        bus=cast(Bus, bus),
+        sessionmaker=cast(async_sessionmaker[AsyncSession], None),
+    )
+    t = Terminal(req_id="r1", session_id="s1", channel_id="c1", command="x")
+    ended = exit_frame(t, 1, exit_code=3, stdout_bytes=2)
+    run = service.CommandRun(
+        ctx,
+        ref=SessionRef("s1", "a1", "t1"),
+        channel_id="c1",
+        audit_id=7,
+        sub=cast(SessionSubscription, _ListSubscription([])),
+        timeout_s=5,
+        started_at=0.0,
+        first_frames=[chunk(t, 0, b"hi"), ended],
+    )
+    run.abandon()
+    assert run._ending is not None
+    await asyncio.wait_for(run._ending, 2)  # not exec_close_grace_s
+    assert completed == [(7, "exited", ended)]
+    assert bus.down == []

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
 
 from gurutunnel_gateway import bus as bus_module
-from gurutunnel_gateway.bus import BusUnavailable, MessageHandler, NatsBus
-from gurutunnel_protocol import Subjects
+from gurutunnel_gateway.bus import BusTimeout, BusUnavailable, MessageHandler, NatsBus
+from gurutunnel_protocol import Subjects, new_id
 
 from .conftest import gateway_settings
 
@@ -280,3 +280,19 @@ async def test_wildcard_subscription_gets_the_messages_of_every_match(
     await nc.flush()
     await until(lambda: (len(star), len(tail)) == (1, 2), "every match")
     assert (star, tail) == ([b"a"], [b"a", b"b.c"])
+
+
+async def test_a_subscription_whose_round_trip_fails_is_not_left_behind(
+    bus: NatsBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """subscribe raises when the server never confirms the interest, and the subscription it
+    made is gone too: no handler is left to answer for a connection that never started."""
+
+    async def no_round_trip() -> None:
+        raise BusTimeout("no flush round trip")
+
+    before = set(bus._nc._subs)
+    monkeypatch.setattr(bus, "_subscriptions_flushed", no_round_trip)
+    with pytest.raises(BusTimeout):
+        await bus.subscribe(f"test.stale.{new_id()}", recorder([]))
+    assert set(bus._nc._subs) == before

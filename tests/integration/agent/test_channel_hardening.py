@@ -192,10 +192,12 @@ async def test_supervisor_failure_kills_the_tree_and_still_sends_the_exit(
 
 
 @posix_only
+@pytest.mark.parametrize("inline_result", [False, True], ids=["streamed", "inline"])
 async def test_failed_started_answer_still_lets_the_channel_end(
-    open_tunnel: OpenTunnel, monkeypatch: pytest.MonkeyPatch
+    open_tunnel: OpenTunnel, monkeypatch: pytest.MonkeyPatch, inline_result: bool
 ) -> None:
-    """Sending terminal.started raises (not ConnectionClosed): output and exit still flow."""
+    """Sending terminal.started raises (not ConnectionClosed): output and exit still flow, also
+    when they were held for the answer (then sent on their own)."""
     original = AgentClient._send
 
     async def flaky(self: AgentClient, conn: object, frame: AgentToServer) -> None:
@@ -205,7 +207,7 @@ async def test_failed_started_answer_still_lets_the_channel_end(
 
     monkeypatch.setattr(AgentClient, "_send", flaky)
     tunnel = await open_tunnel()
-    await tunnel.send(cmd("c1", "echo hi"))
+    await tunnel.send(cmd("c1", "echo hi", inline_result=inline_result))
     result = await tunnel.collect("c1", timeout_s=3)
     assert result.answer is None
     assert result.output() == b"hi\n"

@@ -760,10 +760,8 @@ class AgentClient:
         if not isinstance(reply, TerminalStarted):
             return
         try:
-            for chunk in reply.output:
-                await self._send(conn, chunk)
-            if reply.exit is not None:
-                await self._send(conn, reply.exit)
+            for frame in reply.frames():
+                await self._send(conn, frame)
         except Exception as exc:
             log.warning(
                 "inline output undeliverable",

@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -51,6 +50,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.client import _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import (
     DEFAULT_SUB_PENDING_BYTES_LIMIT,
@@ -77,20 +77,6 @@ dropped as a slow consumer (see ``_Inbox``)."""
 SUB_PENDING_BYTES_LIMIT = DEFAULT_SUB_PENDING_BYTES_LIMIT
 """Payload bytes one subscription may hold waiting for its handler (nats-py's default)."""
 
-_WHITESPACE = re.compile(r"\s")
-
-
-def _check_subject(subject: str) -> None:
-    """Refuse what nats-py 2.16's ``subscribe`` refuses: whitespace (a CR LF would inject
-    protocol), an empty token, ``*`` or ``>`` inside a token, ``>`` before the last token."""
-    tokens = subject.split(".")
-    if (
-        _WHITESPACE.search(subject)
-        or ">" in tokens[:-1]
-        or any(not t or (t != "*" and "*" in t) or (t != ">" and ">" in t) for t in tokens)
-    ):
-        raise nats.errors.BadSubjectError
-
 
 class _Client(NatsClient):
     """nats-py's client with one repair and one addition (both match nats-py 2.16.0).
@@ -107,10 +93,10 @@ class _Client(NatsClient):
     ``_wait_for_msgs`` coroutine) and one ``asyncio.Queue`` per subscription, about 4 KiB that
     every connected agent's command subject held for nothing. nats-py has no public hook for
     this, so it leans on private parts, each covered by tests/integration/gateway/
-    test_bus_dispatch.py: ``_sid``, ``_subs`` and ``_send_subscribe`` (what ``subscribe``
-    does), the read loop handing each message to ``sub._pending_queue.put_nowait`` after its
-    byte check on ``sub._pending_size``, and ``unsubscribe``/``close`` cancelling
-    ``sub._wait_for_msgs_task``.
+    test_bus_dispatch.py: ``_validate_subject``, ``_sid``, ``_subs`` and ``_send_subscribe``
+    (what ``subscribe`` does), the read loop handing each message to
+    ``sub._pending_queue.put_nowait`` after its byte check on ``sub._pending_size``, and
+    ``unsubscribe``/``close`` cancelling ``sub._wait_for_msgs_task``.
     """
 
     async def _process_pong(self) -> None:
@@ -126,7 +112,7 @@ class _Client(NatsClient):
 
         What nats-py 2.16's ``subscribe`` does for a callback subscription, except that the
         subscription's pending queue is an ``_Inbox`` and no task is started."""
-        _check_subject(subject)
+        _validate_subject(subject, strict=True)  # what subscribe() checks
         if self.is_closed:
             raise nats.errors.ConnectionClosedError
         if self.is_draining:

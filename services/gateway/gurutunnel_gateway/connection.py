@@ -319,10 +319,16 @@ class AgentConnection:
             self.close(CloseCode.BACKPRESSURE, DisconnectReason.CLOSED, "send queue overflow")
             return False
         queue.append(text)
-        if self._writer is None and not self._ended and not self._writing_now:
-            # the writer lives only while frames wait: an idle agent holds no task for it
-            self._writer = asyncio.create_task(self._write(queue), name=f"writer-{self.conn_id}")
+        if not self._writing_now:
+            self._start_writer()
         return True
+
+    def _start_writer(self) -> None:
+        """A writer for the queued frames, unless one runs; it lives only while frames wait
+        (an idle agent holds no task for it)."""
+        queue = self._queue
+        if queue and self._writer is None and not self._ended:
+            self._writer = asyncio.create_task(self._write(queue), name=f"writer-{self.conn_id}")
 
     async def send_now(self, frame: Frame, *, as_received: bytes | None = None) -> bool:
         """``send``, but written by the caller when nothing waits before it, the socket's buffer
@@ -350,11 +356,7 @@ class AgentConnection:
                 traffic.bytes_out += len(text)
         finally:
             self._writing_now = False
-            queue = self._queue
-            if queue and self._writer is None and not self._ended:
-                self._writer = asyncio.create_task(
-                    self._write(queue), name=f"writer-{self.conn_id}"
-                )
+            self._start_writer()  # for what was queued meanwhile
         return True
 
     def close(

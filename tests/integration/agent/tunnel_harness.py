@@ -83,8 +83,8 @@ class Tunnel:
                 key = getattr(frame, "channel_id", None) or ""
                 self.stash.setdefault(key, []).append(frame)
                 if isinstance(frame, TerminalStarted):
-                    self.inline[key] = len(frame.output) + (frame.exit is not None)
-                    self.stash[key] += [*frame.output, *([frame.exit] if frame.exit else [])]
+                    self.inline[key] = len(frame.frames())
+                    self.stash[key] += frame.frames()
             return self.stash[channel_id].pop(0)
 
     async def collect(self, channel_id: str, timeout_s: float = 10.0) -> Result:

@@ -125,12 +125,13 @@ class TerminalStarted(Frame):
     output: list[TerminalChunk] = Field(default_factory=list, max_length=MAX_INLINE_CHUNKS)
     exit: TerminalExit | None = None
 
+    def frames(self) -> list[TerminalChunk | TerminalExit]:
+        """The channel's frames this answer carries, in ``seq`` order: its output, then its exit."""
+        return [*self.output, *([self.exit] if self.exit is not None else [])]
+
     @model_validator(mode="after")
     def _inline_frames_continue_the_channel(self) -> Self:
-        frames: list[TerminalChunk | TerminalExit] = [*self.output]
-        if self.exit is not None:
-            frames.append(self.exit)
-        for seq, frame in enumerate(frames):
+        for seq, frame in enumerate(self.frames()):
             if frame.session_id != self.session_id or frame.channel_id != self.channel_id:
                 raise ValueError("inline frames must belong to the answered channel")
             if frame.seq != seq:

@@ -710,17 +710,9 @@ async def _send_command(
         sub=sub,
         timeout_s=spec.timeout_s,
         started_at=started_at,
-        first_frames=inline_frames(answer),
+        first_frames=answer.frames(),
     )
     return run, StartedCommand(channel_id=channel_id, pid=answer.pid)
-
-
-def inline_frames(answer: TerminalStarted) -> list[TerminalChunk | TerminalExit]:
-    """The channel's first frames carried by the answer (its output, then its exit)."""
-    frames: list[TerminalChunk | TerminalExit] = [*answer.output]
-    if answer.exit is not None:
-        frames.append(answer.exit)
-    return frames
 
 
 async def _undo_start(
@@ -923,49 +915,38 @@ class CommandRun:
             self.ctx.metrics.command_finished(code.value)
 
     async def _drain_after_cancel(self) -> None:
-        carried = [f for f in self._first_frames if isinstance(f, TerminalExit)]
-        if carried:
-            # it ended in the agent's answer, unread: no cancel, the exit is already here
-            try:
-                exit_frame = carried[0]
-                await complete_audit(
-                    self.ctx.sessionmaker,
-                    self.audit_id,
-                    reason=exit_frame.reason.value,
-                    exit_frame=exit_frame,
-                )
-                self.ctx.metrics.command_finished(exit_frame.reason.value)
-            finally:
-                await self.sub.close()
-            return
         try:
-            with contextlib.suppress(BusError):
-                await self.ctx.bus.publish_session_down(
-                    self.ref.session_id,
-                    TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
-                )
-            deadline = time.monotonic() + self.ctx.settings.exec_close_grace_s
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    item = await self.sub.next(left)
-                except BusError:
-                    break
-                if item is None or isinstance(item, FramesDropped):
-                    continue
-                frame = item.frame
-                if isinstance(frame, TerminalExit) and frame.channel_id == self.channel_id:
-                    await complete_audit(
-                        self.ctx.sessionmaker,
-                        self.audit_id,
-                        reason=frame.reason.value,
-                        exit_frame=frame,
-                    )
-                    self.ctx.metrics.command_finished(frame.reason.value)
-                    return
-            await complete_audit(self.ctx.sessionmaker, self.audit_id, reason="client_gone")
-            self.ctx.metrics.command_finished("client_gone")
+            # an exit the agent's answer carried, unread: no cancel, nothing to wait for
+            exit_frame = next((f for f in self._first_frames if isinstance(f, TerminalExit)), None)
+            if exit_frame is None:
+                exit_frame = await self._cancel_and_wait_for_exit()
+            reason = exit_frame.reason.value if exit_frame is not None else "client_gone"
+            await complete_audit(
+                self.ctx.sessionmaker, self.audit_id, reason=reason, exit_frame=exit_frame
+            )
+            self.ctx.metrics.command_finished(reason)
         finally:
             await self.sub.close()
+
+    async def _cancel_and_wait_for_exit(self) -> TerminalExit | None:
+        """Publish ``terminal.cancel``; the exit frame within ``exec_close_grace_s``, or None."""
+        with contextlib.suppress(BusError):
+            await self.ctx.bus.publish_session_down(
+                self.ref.session_id,
+                TerminalCancel(session_id=self.ref.session_id, channel_id=self.channel_id),
+            )
+        deadline = time.monotonic() + self.ctx.settings.exec_close_grace_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = await self.sub.next(left)
+            except BusError:
+                return None
+            if item is None or isinstance(item, FramesDropped):
+                continue
+            frame = item.frame
+            if isinstance(frame, TerminalExit) and frame.channel_id == self.channel_id:
+                return frame
+        return None
 
 
 async def collect(run: CommandRun, *, encoding: Encoding) -> ExecResult:

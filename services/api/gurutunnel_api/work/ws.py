@@ -417,7 +417,7 @@ class TechSocket:
             if isinstance(answer, TunnelError):
                 raise work_refusal(answer.code, answer.error[:512])
             if isinstance(answer, TerminalStarted) and answer.channel_id == channel_id:
-                pid, first = answer.pid, service.inline_frames(answer)
+                pid, first = answer.pid, answer.frames()
             elif not (isinstance(answer, ChannelOpened) and answer.channel_id == channel_id):
                 raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
         except ApiError as exc:

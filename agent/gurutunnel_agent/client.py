@@ -39,9 +39,11 @@ Contract:
   returns. ``terminal.command`` first checks and opens its working directory on a worker
   thread (``open_cwd``, bounded by ``cwd_timeout_s``; refused -> ``tunnel.error
   {cwd_not_allowed}`` and the channel released), spawns the process, answers
-  ``terminal.started{pid}`` (same ``req_id``; when the request says ``inline_result`` it waits up
-  to ``inline_result_window_s``, in the reader, so that a short command's output and exit travel
-  in it), then streams; ``shell.open`` answers
+  ``terminal.started{pid}`` (same ``req_id``; when the request says ``inline_result``, the
+  channel's task sends it once the command ended or ``inline_result_window_s`` passed, so that
+  a short command's output and exit travel in it, while the reader goes on; the channel's
+  task ends only after that answer, so ``channel.closed`` and ``tunnel.closed`` still follow
+  it), then streams; ``shell.open`` answers
   ``channel.opened{shell}``. The channel's output is opened even if that answer fails, so the
   channel still ends. Each channel runs as one task of the connection, emitting through
   :meth:`AgentClient._send` (awaited: back-pressure from a slow socket reaches the pipe). A
@@ -79,7 +81,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -229,6 +231,31 @@ class _Running:
     token: int
     runtime: Runtime
     task: asyncio.Task[None]
+
+
+async def _run_answered(
+    runtime: CommandChannel | ShellChannel, answer: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Run a channel with its answer beside it; the channel ends only once its answer is sent
+    (or given up): an exit frame held for the answer leaves in it, ahead of anything the reader
+    sends after the channel ended (``channel.closed``, ``tunnel.closed``)."""
+    answering = asyncio.create_task(answer(), name="agent-channel-answer")
+    try:
+        await runtime.run()
+    except BaseException:
+        answering.cancel()
+        raise
+    finally:
+        await asyncio.wait({answering})
+        if not answering.cancelled():
+            exc = answering.exception()
+            # a closed socket is the reader's to notice; anything else is a bug worth a trace
+            if exc is not None and not isinstance(exc, ConnectionClosed):
+                log.error(
+                    "channel answer failed",
+                    extra={"channel_id": runtime.output.channel_id},
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
 
 
 def _refusal_reason(response: Response) -> str:
@@ -734,26 +761,33 @@ class AgentClient:
         pid: int | None,
     ) -> None:
         """Register a started channel, answer its request (built by ``answer`` once the channel
-        runs), then let its output flow."""
+        runs), then let its output flow. An answer that waits for the channel's first output
+        (an inline result) is sent by the channel's own task: the reader goes on meanwhile."""
         frame = action.frame
+
+        async def answer_then_open() -> None:
+            try:
+                reply = await answer()
+                try:
+                    await self._send(conn, reply)
+                except Exception:
+                    # the answer did not leave: the frames it carried go on their own, first
+                    await self._send_inline(conn, reply)
+                    raise
+            finally:
+                # whatever happened to the answer, the channel must be able to end (exit frame)
+                runtime.output.open()
+
+        in_task = isinstance(runtime, CommandChannel) and runtime.output.holding
         # registered before the answer: if the socket dies while answering, the connection's
         # cleanup still finds (and kills) the process
-        self._launch(conn, action, runtime)
+        self._launch(conn, action, runtime, answer_then_open if in_task else None)
         log.info(
             f"{what} started",
             extra={"session_id": frame.session_id, "channel_id": frame.channel_id, "pid": pid},
         )
-        try:
-            reply = await answer()
-            try:
-                await self._send(conn, reply)
-            except Exception:
-                # the answer did not leave: the frames it carried go on their own, first
-                await self._send_inline(conn, reply)
-                raise
-        finally:
-            # whatever happened to the answer, the channel must be able to end (exit frame)
-            runtime.output.open()
+        if not in_task:
+            await answer_then_open()
 
     async def _send_inline(self, conn: _Connection, reply: AgentToServer) -> None:
         """Best effort: the chunks and exit a failed ``terminal.started`` carried."""
@@ -809,10 +843,15 @@ class AgentClient:
         )
 
     def _launch(
-        self, conn: _Connection, action: StartCommand | StartShell, runtime: Runtime
+        self,
+        conn: _Connection,
+        action: StartCommand | StartShell,
+        runtime: CommandChannel | ShellChannel,
+        answer: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         frame = action.frame
-        task = asyncio.create_task(runtime.run(), name=f"agent-channel-{frame.channel_id}")
+        work = runtime.run() if answer is None else _run_answered(runtime, answer)
+        task = asyncio.create_task(work, name=f"agent-channel-{frame.channel_id}")
         running = _Running(frame.session_id, frame.channel_id, action.token, runtime, task)
         conn.channels[frame.channel_id] = running
         task.add_done_callback(lambda _: self._channel_done(conn, running))

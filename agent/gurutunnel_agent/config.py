@@ -33,9 +33,8 @@ Contract:
   long the agent waits after the spawn for the command to end before it answers
   ``terminal.started``, and ``inline_result_bytes`` (``GT_AGENT_INLINE_RESULT_BYTES``, 32 KiB)
   how much output the answer may carry; what ended in time travels in the answer
-  (``terminal.started.output``/``.exit``), the rest streams as usual. The command itself never
-  waits; the connection's reader does, for at most the window per command start (the start is
-  handled in the reader, as before).
+  (``terminal.started.output``/``.exit``), the rest streams as usual. Neither the command nor
+  the connection waits: the answer is sent by the channel's own task.
 - File transfer settings (``gurutunnel_agent.channels.files``): ``file_allowlist``
   (``GT_AGENT_FILE_ALLOWLIST``, JSON list / TOML array of absolute directories a transfer may
   touch, subdirectories included; default: the same as ``cwd_allowlist``, the home directory),

@@ -65,6 +65,11 @@ class ChannelOutput:
         """Holding cannot go on: the exit frame is held, or a frame did not fit."""
 
     @property
+    def holding(self) -> bool:
+        """Frames are kept for the answer (until :meth:`settle`)."""
+        return self._holding
+
+    @property
     def next_seq(self) -> int:
         return self._seq
 

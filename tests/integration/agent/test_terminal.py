@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sys
 from collections.abc import Awaitable, Callable
@@ -192,6 +193,44 @@ async def test_a_long_command_is_answered_after_the_window_and_streams(
     assert [c.data for c in result.answer.output] == [b"a\n"]
     assert result.output() == b"a\nb\n"
     result.assert_contiguous()
+
+
+async def test_the_reader_goes_on_while_a_command_is_in_its_inline_window(
+    open_tunnel: OpenTunnel,
+) -> None:
+    """A command still running in a long inline window does not hold up the connection: a
+    second command sent after it is answered and ends first, and the first's answer follows."""
+    tunnel = await open_tunnel(inline_result_window_s=1.0)
+    await tunnel.send(cmd("c1", "sleep 0.7; echo late", inline_result=True))
+    await tunnel.send(cmd("c2", "echo quick", inline_result=True))
+    quick = await tunnel.collect("c2", timeout_s=0.6)
+    assert quick.output() == b"quick\n"
+    assert not any(getattr(f, "channel_id", None) == "c1" for f in tunnel.order)
+    late = await tunnel.collect("c1")
+    assert isinstance(late.answer, TerminalStarted) and late.answer.exit is not None
+    assert late.output() == b"late\n"
+    late.assert_contiguous()
+
+
+async def test_tunnel_close_in_the_inline_window_sends_the_answer_and_exit_first(
+    open_tunnel: OpenTunnel,
+) -> None:
+    """tunnel.close while a command's answer waits in its inline window: the answer (carrying
+    the session_closed exit) leaves before tunnel.closed, and the process tree is gone."""
+    tunnel = await open_tunnel(inline_result_window_s=1.0)
+    await tunnel.send(cmd("c1", TREE, inline_result=True))
+    await asyncio.sleep(0.2)  # started (a child pid printed) and held: nothing sent yet
+    assert tunnel.order == []
+    await tunnel.send(TunnelClose(req_id="close", session_id=SESSION))
+    closed = await tunnel.next_for("", timeout_s=3.0)
+    assert isinstance(closed, TunnelClosed)
+    result = await tunnel.collect("c1")
+    assert isinstance(result.answer, TerminalStarted) and result.answer.exit is not None
+    assert result.answer.exit.reason is ExitReason.SESSION_CLOSED
+    assert tunnel.order.index(result.answer) < tunnel.order.index(closed)
+    child = int(result.output().split()[0])
+    assert result.answer.pid is not None
+    assert await wait_pids_gone([child, result.answer.pid], timeout_s=1.0) == []
 
 
 async def test_timeout_kills_the_whole_process_tree(open_tunnel: OpenTunnel) -> None:

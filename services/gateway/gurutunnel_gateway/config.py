@@ -79,6 +79,17 @@ class GatewaySettings(BaseSettings):
     max_pending_requests: int = Field(default=256, gt=0)
     sweep_interval_s: float = Field(default=1.0, gt=0)
 
+    # garbage collection (``collector.py``)
+    gc_full_interval_s: float = Field(default=300.0, ge=0)
+    """A full collection of cyclic garbage every this often, at a quiet moment, instead of
+    CPython's own (which stop the loop for most of a second, one after another, while a replica
+    fills up with agents); 0 leaves CPython's collector as it is."""
+    gc_quiet_s: float = Field(default=5.0, ge=0)
+    """Quiet moment: no agent socket set up for this long (waited for at most one interval)."""
+    gc_deep_every: int = Field(default=12, ge=1)
+    """Every this many full collections, one also walks the objects frozen by the earlier ones
+    (a socket that became cyclic garbage after it was frozen is freed then)."""
+
     # lease and presence
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     lease_ttl_s: float = Field(default=6.0, gt=0)

@@ -28,6 +28,10 @@ Names (each counter also has the library's ``_created`` sample):
 ``gurutunnel_gateway_nats_reconnects_total``                NATS client reconnections
 ``gurutunnel_gateway_lease_losses_total``                   times this gateway found its lease
                                                            lost and dropped its agents
+``gurutunnel_gateway_gc_collections_total{kind}``           full garbage collections the
+                                                           gateway ran (``recent``, ``deep``;
+                                                           see ``collector.py``)
+``gurutunnel_gateway_gc_pause_seconds_total{kind}``         the loop time they took
 ========================================================  =====================================
 """
 
@@ -158,6 +162,18 @@ class GatewayMetrics:
             "Times this gateway found its lease lost and dropped its agent sockets.",
             registry=self.registry,
         )
+        self._gc_collections = Counter(
+            PREFIX + "gc_collections",
+            "Full garbage collections the gateway ran: recent objects, or deep (everything).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._gc_pause = Counter(
+            PREFIX + "gc_pause_seconds",
+            "Event-loop time the gateway's full garbage collections took.",
+            ["kind"],
+            registry=self.registry,
+        )
         self._accepted = self._upgrades.labels(outcome="accepted", status="101")
 
     # ------------------------------------------------------------------ increment points
@@ -179,6 +195,11 @@ class GatewayMetrics:
     def lease_lost(self) -> None:
         """The gateway learned its lease expired and closes its sockets (``LEASE_LOST``)."""
         self._lease_losses.inc()
+
+    def gc_collection(self, *, deep: bool, seconds: float) -> None:
+        kind = "deep" if deep else "recent"
+        self._gc_collections.labels(kind=kind).inc()
+        self._gc_pause.labels(kind=kind).inc(seconds)
 
     # ------------------------------------------------------------------ exposition
 

@@ -75,6 +75,7 @@ from gurutunnel_protocol.messages import (
     Reconnect,
 )
 
+from . import collector
 from .auth import (
     AgentIdentity,
     CredentialError,
@@ -185,6 +186,8 @@ class Gateway:
         self._beat_now = asyncio.Event()
         """``time.monotonic()`` when this boot's lease runs out; None: no lease (yet)."""
         self._stopping = False
+        self._last_arrival: float | None = None
+        """``time.monotonic()`` of the last agent socket handed to ``_handle`` (``collector``)."""
         self._deps = ConnectionDeps(
             settings=settings,
             subjects=self.subjects,
@@ -260,6 +263,15 @@ class Gateway:
             asyncio.create_task(self._lease_loop(), name="gateway-lease"),
             asyncio.create_task(self._sweep_loop(), name="gateway-sweep"),
         ]
+        if collector.installed() and s.gc_full_interval_s > 0:
+            collections = collector.FullCollections(
+                interval_s=s.gc_full_interval_s,
+                quiet_s=s.gc_quiet_s,
+                deep_every=s.gc_deep_every,
+                last_arrival=lambda: self._last_arrival,
+                on_collection=lambda c: self.metrics.gc_collection(deep=c.deep, seconds=c.seconds),
+            )
+            self._tasks.append(asyncio.create_task(collections.run(), name="gateway-gc"))
         log.info(
             "gateway listening",
             extra={"gateway_id": self.gateway_id, "boot_id": self.boot_id, "port": self.port},
@@ -429,6 +441,7 @@ class Gateway:
                 slot.release()
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self._last_arrival = time.monotonic()
         identity = self._identities.pop(ws, None)
         slot = self._slots.pop(ws, None)
         try:
@@ -702,6 +715,7 @@ def main() -> None:
         print(f"gurutunnel-gateway: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    collector.install(settings.gc_full_interval_s)
     loop_factory = event_loop_factory(settings.event_loop)
     log.info(
         "event loop: %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -45,18 +46,19 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("gateway not ready in time")
 
 
-@pytest.fixture
-def gateway_process(
+@contextlib.contextmanager
+def running_gateway(
     nats_url: str,
     subject_prefix: str,
-    agent_key: tuple[Ed25519PrivateKey, str],
+    public_key_pem: str,
     tmp_path: Path,
-    nc: NATS,
+    **settings: str,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """The installed gurutunnel-gateway entry point on a free port; killed if still running."""
+    """The installed gurutunnel-gateway entry point on a free port (``settings``: more
+    ``GT_GATEWAY_*`` variables, by lower-case name); killed if still running."""
     port = free_port()
     key_file = tmp_path / "agent_pub.pem"
-    key_file.write_text(agent_key[1])
+    key_file.write_text(public_key_pem)
     log_path = tmp_path / "gateway.log"
     env = {
         **os.environ,
@@ -67,6 +69,7 @@ def gateway_process(
         "GT_GATEWAY_HEARTBEAT_INTERVAL_S": "0.2",
         "GT_GATEWAY_RECONNECT_JITTER_MAX_S": "0.2",
         "GT_GATEWAY_DRAIN_TIMEOUT_S": "5",
+        **{f"GT_GATEWAY_{name.upper()}": value for name, value in settings.items()},
     }
     executable = Path(sys.executable).parent / "gurutunnel-gateway"
     with log_path.open("wb") as log_file:
@@ -78,6 +81,31 @@ def gateway_process(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gateway_process(
+    nats_url: str,
+    subject_prefix: str,
+    agent_key: tuple[Ed25519PrivateKey, str],
+    tmp_path: Path,
+    nc: NATS,
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """The installed gurutunnel-gateway entry point on a free port; killed if still running."""
+    with running_gateway(nats_url, subject_prefix, agent_key[1], tmp_path) as running:
+        yield running
+
+
+def gc_collections(port: int) -> dict[str, float]:
+    """``gurutunnel_gateway_gc_collections_total`` by kind, from the process's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gurutunnel_gateway_gc_collections_total{"):
+            labels, _, value = line.rpartition(" ")
+            counts[labels.split('kind="', 1)[1].split('"', 1)[0]] = float(value)
+    return counts
 
 
 async def test_real_process_serves_agent_and_drains_on_sigterm(
@@ -114,3 +142,47 @@ async def test_real_process_serves_agent_and_drains_on_sigterm(
     assert lines, "the gateway logged nothing"
     assert all(isinstance(json.loads(line), dict) for line in lines)
     assert credential not in log_path.read_text()
+
+
+async def test_the_process_runs_full_collections_itself_at_quiet_moments(
+    nats_url: str,
+    subject_prefix: str,
+    agent_key: tuple[Ed25519PrivateKey, str],
+    tmp_path: Path,
+) -> None:
+    """With a short gc_full_interval_s, the real process runs its own full collections (every
+    second one deep) once no agent arrived for gc_quiet_s, and counts them in /metrics."""
+    with running_gateway(
+        nats_url,
+        subject_prefix,
+        agent_key[1],
+        tmp_path,
+        gc_full_interval_s="0.2",
+        gc_quiet_s="0.1",
+        gc_deep_every="2",
+    ) as (_, port, log_path):
+        credential = mint_agent_credential(agent_key[0], new_id())
+        async with agent_socket(port, credential) as ws:
+            assert isinstance(await recv_frame(ws), Welcome)
+            counts: dict[str, float] = {}
+            async with asyncio.timeout(10):
+                while counts.get("recent", 0) < 1 or counts.get("deep", 0) < 1:
+                    await asyncio.sleep(0.1)
+                    counts = await asyncio.to_thread(gc_collections, port)
+        logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert any(entry.get("msg") == "full garbage collection" for entry in logged)
+
+
+async def test_with_gc_full_interval_0_the_process_runs_none(
+    nats_url: str,
+    subject_prefix: str,
+    agent_key: tuple[Ed25519PrivateKey, str],
+    tmp_path: Path,
+) -> None:
+    """gc_full_interval_s = 0 leaves CPython's collector alone: the gateway runs no collection."""
+    with running_gateway(
+        nats_url, subject_prefix, agent_key[1], tmp_path, gc_full_interval_s="0"
+    ) as (_, port, _):
+        await asyncio.sleep(1.0)
+        counts = await asyncio.to_thread(gc_collections, port)
+    assert counts == {}

@@ -1,0 +1,153 @@
+"""The gateway's full garbage collections: when they run, and what a deep one frees."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gurutunnel_gateway.collector import Collection, FullCollections
+
+
+@pytest.fixture(autouse=True)
+def unfrozen() -> Iterator[None]:
+    """The collections freeze the test process's objects: give them back to the collector."""
+    yield
+    gc.unfreeze()
+
+
+class _Node:
+    """A reference cycle: only a collection that walks it can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _collections(**kwargs: object) -> tuple[FullCollections, list[Collection]]:
+    seen: list[Collection] = []
+    options: dict[str, object] = {
+        "interval_s": 1.0,
+        "quiet_s": 0.0,
+        "deep_every": 3,
+        "last_arrival": lambda: None,
+        "on_collection": seen.append,
+        **kwargs,
+    }
+    return FullCollections(**options), seen  # type: ignore[arg-type]
+
+
+def test_a_cycle_frozen_while_alive_is_freed_by_the_deep_collection_only() -> None:
+    """A recent collection freezes its survivors; once garbage, they are not walked again
+    until the deep one (every third here), which frees them."""
+    collections, seen = _collections(deep_every=3)
+    node = _Node()
+    alive = weakref.ref(node)
+    collections.collect()  # recent: the live cycle survives and is frozen
+    del node
+    collections.collect()  # recent: a frozen cycle is not walked
+    assert alive() is not None
+    collections.collect()  # deep: everything unfrozen first
+    assert alive() is None
+    assert [c.deep for c in seen] == [False, False, True]
+    assert gc.get_freeze_count() > 0  # the survivors of the deep one are frozen again
+
+
+def test_a_cycle_that_dies_young_is_freed_by_the_next_collection() -> None:
+    """Garbage made since the last collection is freed by the next one, deep or not."""
+    collections, seen = _collections(deep_every=3)
+    node = _Node()
+    alive = weakref.ref(node)
+    del node
+    collections.collect()
+    assert alive() is None
+    assert seen[0].deep is False and seen[0].collected >= 1
+
+
+class _Timed(FullCollections):
+    """The loop's timing, without collecting the test process."""
+
+    def __init__(self, started: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.started = started
+        self.at: list[float] = []
+
+    def collect(self) -> Collection:
+        self.at.append(time.monotonic() - self.started)
+        return Collection(deep=False, seconds=0.0, collected=0)
+
+
+async def _first_collection(last_arrival: Callable[[], float | None], **kwargs: object) -> float:
+    loop = _Timed(
+        time.monotonic(),
+        last_arrival=last_arrival,
+        on_collection=lambda _: None,
+        deep_every=12,
+        poll_s=0.02,
+        **kwargs,
+    )
+    task = asyncio.create_task(loop.run())
+    try:
+        async with asyncio.timeout(5):
+            while not loop.at:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    return loop.at[0]
+
+
+async def test_with_no_arrivals_it_collects_after_the_interval() -> None:
+    at = await _first_collection(lambda: None, interval_s=0.3, quiet_s=0.2)
+    assert 0.3 <= at < 0.55
+
+
+async def test_it_waits_until_agents_stop_arriving() -> None:
+    """Agents arriving until 1.3 s: the collection due at 1 s waits for 0.2 s of quiet."""
+    started = time.monotonic()
+
+    def last_arrival() -> float:
+        return min(time.monotonic(), started + 1.3)
+
+    at = await _first_collection(last_arrival, interval_s=1.0, quiet_s=0.2)
+    assert 1.5 <= at < 1.95
+
+
+async def test_while_agents_keep_arriving_it_collects_after_one_more_interval() -> None:
+    """Never quiet: the collection still comes, one interval late, not never."""
+    at = await _first_collection(time.monotonic, interval_s=0.3, quiet_s=0.2)
+    assert 0.6 <= at < 0.9
+
+
+def _in_a_fresh_process(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_install_freezes_start_up_and_turns_off_automatic_full_collections() -> None:
+    code = (
+        "import gc\n"
+        "from gurutunnel_gateway import collector\n"
+        "young, middle, _ = gc.get_threshold()\n"
+        "collector.install(300.0)\n"
+        "print(collector.installed(), gc.get_freeze_count() > 1000,\n"
+        "      gc.get_threshold() == (young, middle, 2**31 - 1))\n"
+    )
+    assert _in_a_fresh_process(code) == "True True True"
+
+
+def test_install_with_interval_0_changes_nothing() -> None:
+    code = (
+        "import gc\n"
+        "from gurutunnel_gateway import collector\n"
+        "before = gc.get_threshold()\n"
+        "collector.install(0)\n"
+        "print(collector.installed(), gc.get_freeze_count(), gc.get_threshold() == before)\n"
+    )
+    assert _in_a_fresh_process(code) == "False 0 True"

@@ -53,11 +53,12 @@ class GatewaySettings(BaseSettings):
     for agents on slow metered links whose output is mostly text."""
     open_timeout_s: float = Field(default=10.0, gt=0)
     max_concurrent_handshakes: int = Field(default=16, gt=0)
-    """Upgrades between the credential check and their acknowledged ``presence.connected`` (101,
+    """Upgrades from their credential check to their acknowledged ``presence.connected`` (101,
     command subscription, welcome, presence publish) in progress at once; more wait in arrival
-    order (within ``open_timeout_s``). A reconnect storm then costs the sockets already served
-    a few set-ups' worth of loop time per turn instead of thousands; 16 set-ups, each waiting on
-    NATS round trips, still keep a core busy (1,000 agents back as fast as a bare server)."""
+    order (within ``open_timeout_s``), before their credential check. A reconnect storm then
+    costs the sockets already served a few set-ups' worth of loop time per turn instead of
+    thousands; 16 set-ups, each waiting on NATS round trips, still keep a core busy (1,000
+    agents back as fast as a bare server)."""
     ping_interval_s: float = Field(default=10.0, gt=0)
     ping_timeout_s: float = Field(default=10.0, gt=0)
     close_timeout_s: float = Field(default=5.0, gt=0)

@@ -14,8 +14,10 @@ Contract:
   the socket. Any other path -> 404.
 - Handshake slots: at most ``max_concurrent_handshakes`` upgrades are between the credential
   check and their ``presence.connected`` acknowledgement at once (the others wait, in arrival
-  order, within ``open_timeout_s``); a slot is taken after the credential check and given back
-  at the end of the set-up, when websockets refuses the upgrade after ``process_request``
+  order, within ``open_timeout_s``); a slot is taken before the credential check (a storm's
+  thousands of signature checks would otherwise run in one loop turn, and every command to the
+  agents already back would wait behind them), given back at once on a refusal, and at the end
+  of the set-up, when websockets refuses the upgrade after ``process_request``
   (``process_response`` sees a status other than 101, or a client that went away while in
   line), when the handler ends, and at the latest ``open_timeout_s`` after it was taken. A reconnect
   storm then leaves the loop to the sockets already served (their commands stay fast).
@@ -395,6 +397,13 @@ class Gateway:
                 ErrorCode.SERVICE_UNAVAILABLE,
                 "gateway draining or bus unavailable; reconnect elsewhere",
             )
+        # A handshake slot from here until presence.connected is acknowledged: in a reconnect
+        # storm the sockets already served keep getting the loop (``max_concurrent_handshakes``);
+        # the others wait here, in arrival order, before their credential check (CPU that
+        # thousands of upgrades in one loop turn would take from everyone). A refusal gives it
+        # back at once: a bad credential never holds a slot past its own check.
+        slot = _HandshakeSlot(self._handshakes)
+        await slot.acquire(self.settings.open_timeout_s)
         try:
             # get() would raise MultipleValuesError (HTTP 500) on a repeated header
             values = request.headers.get_all("Authorization")
@@ -402,21 +411,19 @@ class Gateway:
                 raise InvalidCredential("exactly one Authorization header is allowed")
             identity = self.verifier.verify(bearer_token(values[0] if values else None))
         except CredentialError as exc:
+            slot.release()
             log.info(
                 "agent refused at upgrade",
                 extra={"status": exc.status, "code": exc.code.value, "reason": exc.message},
             )
             self.metrics.upgrade_refused(exc.status)
             return _error(connection, HTTPStatus(exc.status), exc.code, exc.message)
+        except BaseException:
+            slot.release()
+            raise
         # websockets keeps the request for the connection's life: the credential is not kept
         # with it (verified, it is not needed again, and nothing can leak it from there)
         del request.headers["Authorization"]
-        # A handshake slot from here until presence.connected is acknowledged: in a reconnect
-        # storm the sockets already served keep getting the loop (``max_concurrent_handshakes``);
-        # the others wait here, in arrival order. Taken after the credential check, so a refusal
-        # never queues and only a credentialed agent can hold a slot.
-        slot = _HandshakeSlot(self._handshakes)
-        await slot.acquire(self.settings.open_timeout_s)
         self._identities[connection] = identity
         self._slots[connection] = slot
         self.metrics.upgrade_accepted()

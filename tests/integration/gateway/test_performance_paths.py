@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 
+from gurutunnel_gateway.auth import AgentIdentity
 from gurutunnel_gateway.bus import BusSubscription, MessageHandler, NatsBus
 from gurutunnel_gateway.server import Gateway, _HandshakeSlot
 from gurutunnel_protocol import ErrorCode, Subjects, new_id
@@ -270,3 +271,40 @@ async def test_an_idle_agent_holds_no_send_queue_no_task_of_its_own_and_no_crede
         probe = ErrorFrame(code=ErrorCode.MALFORMED_FRAME, message="probe")
         assert conn.send(probe)  # a queue and a writer come back for it
         assert await recv_frame(ws) == probe
+
+
+async def test_the_credential_check_waits_in_line_for_a_handshake_slot(
+    start_gateway: StartGateway, agent_key: Key
+) -> None:
+    """An upgrade is checked only once it holds a slot: while the one slot is taken, an agent's
+    request waits unchecked (a storm's signature checks never pile into one loop turn); once
+    the slot comes back it is checked, once, and welcomed."""
+    gateway = await start_gateway(max_concurrent_handshakes=1, open_timeout_s=30.0)
+    verify = gateway.verifier.verify
+    checked: list[str] = []
+
+    def counting_verify(token: str) -> AgentIdentity:
+        checked.append(token)
+        return verify(token)
+
+    gateway.verifier.verify = counting_verify  # type: ignore[method-assign]
+    await gateway._handshakes.acquire()  # an upgrade in progress holds the one slot
+
+    async def welcomed() -> None:
+        credential = mint_agent_credential(agent_key[0], new_id())
+        async with agent_socket(gateway.port, credential) as ws:
+            assert isinstance(await recv_frame(ws), Welcome)
+
+    agent = asyncio.create_task(welcomed())
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            # in line for the slot (asyncio.Semaphore's waiters: no public count exists)
+            while not gateway._handshakes._waiters:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert checked == []
+        gateway._handshakes.release()
+        await asyncio.wait_for(agent, TIMEOUT_S)
+    finally:
+        agent.cancel()
+    assert len(checked) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -139,15 +140,26 @@ def echo_command_bytes(req_id: str, session_id: str, channel_id: str) -> bytes:
     ).encode()
 
 
+_lean_ids = itertools.count(1)
+
+
+def lean_id() -> str:
+    """A fresh id of the ``new_id`` shape (32 hex characters), from a counter: unique within
+    the run, which is all a ``req_id`` or ``channel_id`` needs, without a ``getrandom`` call
+    and a UUID object per id."""
+    return f"{next(_lean_ids):032x}"
+
+
 async def lean_bus_command(
-    bench: Bench, waiter: ExitWaiter, agent_id: str, session_id: str, timeout_s: float = 10
+    bench: Bench, waiter: ExitWaiter, subject: str, session_id: str, timeout_s: float = 10
 ) -> None:
-    """:func:`bus_command` for the throughput loop: the answer is checked by its bytes (its
-    ``req_id`` and an inline ``terminal.exit``), not decoded; scenario 1 decodes every one."""
-    req_id = new_id()
-    payload = echo_command_bytes(req_id, session_id, new_id())
+    """:func:`bus_command` for the throughput loop, to the agent's command ``subject`` (built
+    once per worker, as the bridge's): the answer is checked by its bytes (its ``req_id`` and
+    an inline ``terminal.exit``), not decoded; scenario 1 decodes every one."""
+    req_id = lean_id()
+    payload = echo_command_bytes(req_id, session_id, lean_id())
     exited = waiter.expect(session_id)
-    msg = await bench.nc.request(bench.subjects.agent_commands(agent_id), payload, timeout_s)
+    msg = await bench.nc.request(subject, payload, timeout_s)
     data: bytes = msg.data
     if b'"terminal.started"' not in data or req_id.encode() not in data:
         raise RuntimeError(f"unexpected answer to terminal.command: {data[:200]!r}")

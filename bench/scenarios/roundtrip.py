@@ -235,12 +235,16 @@ async def run_throughput(bench: Bench) -> ScenarioResult:
         cpu: list[dict[str, float]] = []
 
         async def worker(k: int) -> None:
+            if side == "gurutunnel":
+                subject = bench.subjects.agent_commands(agents[k].id)
+            else:
+                subject = f"bench.bridge.{names[k]}.req"
             while loop.time() < window_end:
                 try:
                     if side == "gurutunnel":
-                        await lean_bus_command(bench, waiter, agents[k].id, sessions[k])
+                        await lean_bus_command(bench, waiter, subject, sessions[k])
                     else:
-                        await bench.nc.request(f"bench.bridge.{names[k]}.req", b"echo", timeout=10)
+                        await bench.nc.request(subject, b"echo", timeout=10)
                 except Exception:
                     errors[side] += 1
                     continue

@@ -72,14 +72,20 @@ def encode_spliced(
     fields are ignored the same way (they travel on, like every field of a newer peer within
     the same protocol version). ``fields`` are the envelope's other fields, never ``type`` or
     ``v`` (set here) or ``frame``."""
+    raw = frame_json.encode() if isinstance(frame_json, str) else frame_json
+    return b"".join((spliced_head(envelope, fields), raw, b"}"))
+
+
+def spliced_head(envelope: type[BaseModel], fields: Mapping[str, str | int]) -> bytes:
+    """What :func:`encode_spliced` puts before the frame's JSON (which is then followed by
+    ``}``): a sender that splices many frames into the same envelope fields builds it once."""
     if "frame" in fields or "type" in fields or "v" in fields:
         raise ValueError("fields must not hold type, v or frame")
     tag = envelope.model_fields["type"].default
     head = json.dumps(
         {"type": tag, "v": PROTOCOL_VERSION, **fields}, separators=(",", ":"), ensure_ascii=False
     ).encode()
-    raw = frame_json.encode() if isinstance(frame_json, str) else frame_json
-    return b"".join((head[:-1], b',"frame":', raw, b"}"))
+    return head[:-1] + b',"frame":'
 
 
 def _classify(raw: bytes | str, exc: ValidationError) -> ProtocolError:

@@ -308,3 +308,34 @@ async def test_the_credential_check_waits_in_line_for_a_handshake_slot(
     finally:
         agent.cancel()
     assert len(checked) == 1
+
+
+async def test_every_reply_of_a_connection_carries_its_stamp_and_its_own_answer(
+    gateway: Gateway, agent_key: Key, nc: NATS, subjects: Subjects
+) -> None:
+    """Replies share one head per connection: each still decodes to this connection's stamp
+    around the answer the agent sent for that request, and another connection has its own."""
+    for _ in range(2):  # two connections in turn: the head is not shared between them
+        agent_id = new_id()
+        async with agent_socket(gateway.port, mint_agent_credential(agent_key[0], agent_id)) as ws:
+            welcome = await recv_frame(ws)
+            assert isinstance(welcome, Welcome)
+            for _ in range(3):
+                req = TunnelOpen(req_id=new_id(), session_id=new_id(), tech_id="tech1")
+                request = asyncio.create_task(
+                    nc.request(subjects.agent_commands(agent_id), encode(req), timeout=TIMEOUT_S)
+                )
+                assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S))["req_id"] == (
+                    req.req_id
+                )
+                ready = TunnelReady(req_id=req.req_id, session_id=req.session_id)
+                await ws.send(encode(ready).decode())
+                reply = decode_command_result((await request).data)
+                assert isinstance(reply, CommandReply)
+                assert reply.frame == TunnelReady(req_id=req.req_id, session_id=req.session_id)
+                assert (reply.agent_id, reply.conn_id, reply.gateway_id) == (
+                    agent_id,
+                    welcome.conn_id,
+                    gateway.gateway_id,
+                )
+                assert reply.boot_id == gateway.boot_id

@@ -10,6 +10,7 @@ from gurutunnel_protocol.envelope import (
     decode_session_up,
     encode,
     encode_spliced,
+    spliced_head,
 )
 from gurutunnel_protocol.messages import (
     CommandReply,
@@ -95,3 +96,13 @@ def test_spliced_exit_frame_keeps_every_field() -> None:
         encode_spliced(SessionUp, {**STAMP, "session_id": "s1", "seq": 0}, encode(frame))
     )
     assert up.frame == frame
+
+
+@pytest.mark.parametrize("raw", FRAMES)
+def test_a_head_built_once_splices_every_frame_like_encode_spliced(raw: str) -> None:
+    """One head for many frames (a connection's replies) gives encode_spliced's bytes."""
+    head = spliced_head(CommandReply, STAMP)
+    assert head + raw.encode() + b"}" == encode_spliced(CommandReply, STAMP, raw)
+    assert decode_session_up(
+        spliced_head(SessionUp, {**STAMP, "session_id": "s1", "seq": 2}) + raw.encode() + b"}"
+    ).frame == decode_agent_to_server(raw)

@@ -214,6 +214,13 @@ def _spread(timeline: list[tuple[float, int]], n: int) -> float | None:
     return None if t10 is None or t90 is None else t90 - t10
 
 
+ECHO_SUBJECT = "bench.storm.echo"
+
+
+async def _echo(msg: Any) -> None:
+    await msg.respond(msg.data)
+
+
 class _Prober:
     """Times tunnel.open / tunnel.close requests to agents back on the fresh gateway."""
 
@@ -227,8 +234,12 @@ class _Prober:
         """The probe agents: a process of their own, not busy reconnecting thousands."""
         self.back: list[str] = []
         self.latencies_ms: list[float] = []
+        self.floor_ms: list[float] = []
+        """NATS round trips, the harness to itself, taken with the probes: the machine's floor."""
         self.errors = 0
+        self.floor_errors = 0
         self.subs: list[Any] = []
+        self.echo: Any = None
 
     async def start(self) -> None:
         async def on_presence(msg: Any) -> None:
@@ -246,9 +257,17 @@ class _Prober:
             await self.bench.nc.subscribe(self.subjects.presence(agent_id), cb=on_presence)
             for agent_id in sorted(self.agent_ids)
         ]
+        self.echo = await self.bench.nc.subscribe(ECHO_SUBJECT, cb=_echo)
         await self.bench.nc.flush()
 
     async def _one(self, agent_id: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.bench.nc.request(ECHO_SUBJECT, b"x", timeout=5)
+        except Exception:
+            self.floor_errors += 1  # information only: not a probe error
+        else:
+            self.floor_ms.append((time.perf_counter() - t0) * 1000)
         session_id = new_id()
         subject = self.subjects.agent_commands(agent_id)
         for frame in (
@@ -277,8 +296,9 @@ class _Prober:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self) -> None:
-        for sub in self.subs:
-            await sub.unsubscribe()
+        for sub in [*self.subs, self.echo]:
+            if sub is not None:
+                await sub.unsubscribe()
 
 
 async def _storm_side(
@@ -369,6 +389,7 @@ async def run_storm(bench: Bench) -> ScenarioResult:
         await b1.stop()
         await b2.stop()
     lat = summary(prober.latencies_ms)
+    floor = summary(prober.floor_ms)
     n = p.storm_agents
     gt_spread, br_spread = _spread(gt["timeline"], n), _spread(br["timeline"], n)
     result.rows = [
@@ -400,6 +421,16 @@ async def run_storm(bench: Bench) -> ScenarioResult:
         ),
         Row("command latency during the storm, p50", "ms", lat.get("p50")),
         Row(
+            "NATS round trip during the storm, p99",
+            "ms",
+            floor.get("p99"),
+            None,
+            None,
+            None,
+            "the harness to itself, beside each probe: what the loaded machine adds to any "
+            "round trip (no gateway, no agent)",
+        ),
+        Row(
             "commands without an answer within 5 s during the storm (of all sent)",
             "%",
             100 * prober.errors / max(1, prober.errors + len(prober.latencies_ms)),
@@ -413,6 +444,8 @@ async def run_storm(bench: Bench) -> ScenarioResult:
         "gurutunnel": {k: v for k, v in gt.items() if k != "timeline"},
         "bare": {k: v for k, v in br.items() if k != "timeline"},
         "probe_latency_ms": lat,
+        "nats_round_trip_ms": floor,
+        "nats_round_trip_errors": prober.floor_errors,
         "probe_errors": prober.errors,
         "probe_rate_per_s": p.storm_probe_rate_per_s,
     }

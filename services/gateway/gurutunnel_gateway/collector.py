@@ -20,8 +20,11 @@ Contract:
   up for ``gc_quiet_s``. While agents keep arriving it waits, at most one more interval, then
   collects anyway (garbage stays bounded). The survivors are then frozen too, so the next
   collection walks only what came since: a collection costs what the last interval allocated,
-  not what the gateway holds. Every ``gc_deep_every``-th collection first unfreezes everything
-  (a deep one): a socket that ended in a reference cycle after it was frozen is freed by then.
+  not what the gateway holds. A deep collection first unfreezes everything: a socket that ended
+  in a reference cycle after it was frozen (a closed connection leaves some) is freed then. It
+  is every ``gc_deep_every``-th collection, and the next one as soon as more sockets ended since
+  the last deep one than a quarter of those connected: a mass reconnect does not leave the old
+  sockets' memory held for ``gc_deep_every`` intervals.
 - ``gc_full_interval_s = 0``: :func:`install` changes nothing and the loop does not run
   (CPython's own policy).
 - Each collection is counted in ``GatewayMetrics`` (kind ``recent`` or ``deep``, seconds).
@@ -82,6 +85,7 @@ class FullCollections:
         deep_every: int,
         last_arrival: Callable[[], float | None],
         on_collection: Callable[[Collection], None],
+        sockets: Callable[[], tuple[int, int]] = lambda: (0, 0),
         clock: Callable[[], float] = time.monotonic,
         poll_s: float = 1.0,
     ) -> None:
@@ -92,7 +96,10 @@ class FullCollections:
         self._on_collection = on_collection
         self._clock = clock
         self._poll_s = min(poll_s, quiet_s) if quiet_s > 0 else poll_s
+        self._sockets = sockets
+        """(agent sockets ended so far, agent sockets connected now)."""
         self._count = 0
+        self._ended_at_deep = 0
 
     def quiet(self) -> bool:
         """No agent socket was set up in the last ``quiet_s``."""
@@ -109,11 +116,13 @@ class FullCollections:
             self.collect()
 
     def collect(self) -> Collection:
-        """One full collection now (deep every ``deep_every``-th), survivors frozen."""
+        """One full collection now (deep or not: see the module contract), survivors frozen."""
         self._count += 1
-        deep = self._deep_every > 0 and self._count % self._deep_every == 0
+        ended, connected = self._sockets()
+        deep = self._count % self._deep_every == 0 or ended - self._ended_at_deep > connected // 4
         started = time.perf_counter()
         if deep:
+            self._count, self._ended_at_deep = 0, ended
             gc.unfreeze()
         collected = gc.collect()
         gc.freeze()

@@ -190,6 +190,8 @@ class Gateway:
         self._stopping = False
         self._last_arrival: float | None = None
         """``time.monotonic()`` of the last agent socket handed to ``_handle`` (``collector``)."""
+        self._sockets_ended = 0
+        """Agent sockets whose handler ended (``collector``: deep collections after churn)."""
         self._deps = ConnectionDeps(
             settings=settings,
             subjects=self.subjects,
@@ -271,6 +273,7 @@ class Gateway:
                 quiet_s=s.gc_quiet_s,
                 deep_every=s.gc_deep_every,
                 last_arrival=lambda: self._last_arrival,
+                sockets=lambda: (self._sockets_ended, self.hub.agent_count),
                 on_collection=lambda c: self.metrics.gc_collection(deep=c.deep, seconds=c.seconds),
             )
             self._tasks.append(asyncio.create_task(collections.run(), name="gateway-gc"))
@@ -460,6 +463,7 @@ class Gateway:
                 return
             await conn.run(admitted=self._admit, set_up=None if slot is None else slot.release)
         finally:
+            self._sockets_ended += 1
             if slot is not None:
                 slot.release()
 

@@ -69,6 +69,23 @@ def test_a_cycle_that_dies_young_is_freed_by_the_next_collection() -> None:
     assert seen[0].deep is False and seen[0].collected >= 1
 
 
+def test_after_a_quarter_of_the_sockets_ended_the_next_collection_is_deep() -> None:
+    """Sockets that ended since the last deep collection (a mass reconnect) make the next one
+    deep, long before deep_every: their cycles were frozen while they were alive."""
+    sockets = {"ended": 0, "connected": 100}
+    collections, seen = _collections(
+        deep_every=12, sockets=lambda: (sockets["ended"], sockets["connected"])
+    )
+    collections.collect()
+    sockets["ended"] = 26  # more than 100 // 4 since the start
+    collections.collect()
+    sockets["ended"] = 30  # 4 since the last deep one
+    collections.collect()
+    sockets["ended"] = 60
+    collections.collect()
+    assert [c.deep for c in seen] == [False, True, False, True]
+
+
 class _Timed(FullCollections):
     """The loop's timing, without collecting the test process."""
 

@@ -242,20 +242,31 @@ async def _run_answered(
     answering = asyncio.create_task(answer(), name="agent-channel-answer")
     try:
         await runtime.run()
-    except BaseException:
+    except asyncio.CancelledError:
+        # the channel is being killed (a straggler, the connection's end): its answer too
         answering.cancel()
         raise
     finally:
-        await asyncio.wait({answering})
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            await asyncio.wait({answering})
+        except asyncio.CancelledError as exc:
+            # cancelled while the answer is still on its way: never leave it running behind
+            # channel.closed / tunnel.closed
+            cancelled = exc
+            answering.cancel()
+            await asyncio.wait({answering})
         if not answering.cancelled():
-            exc = answering.exception()
+            failure = answering.exception()
             # a closed socket is the reader's to notice; anything else is a bug worth a trace
-            if exc is not None and not isinstance(exc, ConnectionClosed):
+            if failure is not None and not isinstance(failure, ConnectionClosed):
                 log.error(
                     "channel answer failed",
                     extra={"channel_id": runtime.output.channel_id},
-                    exc_info=(type(exc), exc, exc.__traceback__),
+                    exc_info=(type(failure), failure, failure.__traceback__),
                 )
+        if cancelled is not None:
+            raise cancelled
 
 
 def _refusal_reason(response: Response) -> str:
@@ -779,6 +790,8 @@ class AgentClient:
                 runtime.output.open()
 
         in_task = isinstance(runtime, CommandChannel) and runtime.output.holding
+        if in_task:
+            runtime.output.answer_opens()
         # registered before the answer: if the socket dies while answering, the connection's
         # cleanup still finds (and kills) the process
         self._launch(conn, action, runtime, answer_then_open if in_task else None)

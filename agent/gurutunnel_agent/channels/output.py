@@ -54,6 +54,7 @@ class ChannelOutput:
         self._emit = emit
         self._lock = asyncio.Lock()
         self._opened = asyncio.Event()
+        self._answer_opens = False
         self._seq = 0
         self._broken = False
         self.exited = False
@@ -76,6 +77,19 @@ class ChannelOutput:
     def open(self) -> None:
         """Allow frames to leave (after the channel's start was answered)."""
         self._opened.set()
+
+    def answer_opens(self) -> None:
+        """The channel's answer is sent by a task of its own, which calls :meth:`open` once the
+        answer left or was given up (in every case): :meth:`open_for_stop` then leaves opening
+        to it, or a frame that no longer fits the hold would overtake the answer carrying the
+        frames numbered before it."""
+        self._answer_opens = True
+
+    def open_for_stop(self) -> None:
+        """A stop must be able to end the channel: open, unless the answer will
+        (:meth:`answer_opens`)."""
+        if not self._answer_opens:
+            self._opened.set()
 
     async def settle(self, window_s: float) -> tuple[list[TerminalChunk], TerminalExit | None]:
         """Stop holding once the channel ended, a frame did not fit, or after ``window_s``;

@@ -309,7 +309,7 @@ class CommandChannel:
         """Kill the tree (``run`` then reports ``reason``); the first reason wins."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        self.output.open()  # a stop before the start was answered must still end the channel
+        self.output.open_for_stop()  # a stop before the start was answered still ends it
         self._stop.set()
 
     def kill_now(self) -> None:

@@ -233,6 +233,33 @@ async def test_tunnel_close_in_the_inline_window_sends_the_answer_and_exit_first
     assert await wait_pids_gone([child, result.answer.pid], timeout_s=1.0) == []
 
 
+async def test_output_after_a_stop_in_the_inline_window_follows_the_answer(
+    open_tunnel: OpenTunnel,
+) -> None:
+    """tunnel.close in the window, then the command writes more than the hold takes (its TERM
+    trap): the answer, carrying the held first line, still leaves before any streamed chunk,
+    and the numbering runs on from it without a gap."""
+    # a kill grace long enough for the trap to write everything, even on a loaded machine
+    tunnel = await open_tunnel(
+        inline_result_window_s=1.0, inline_result_bytes=1024, kill_grace_s=5.0
+    )
+    # the trap ignores the TERMs that follow (the kill signals the group and the tree)
+    trap = 'trap "" TERM; head -c 5000 /dev/zero | tr "\\0" a; exit 0'
+    script = f"trap '{trap}' TERM; echo start; sleep 30 & wait"
+    await tunnel.send(cmd("c1", script, inline_result=True))
+    await asyncio.sleep(0.2)  # "start" is held for the answer; nothing sent yet
+    assert tunnel.order == []
+    await tunnel.send(TunnelClose(req_id="close", session_id=SESSION))
+    result = await tunnel.collect("c1")
+    assert isinstance(result.answer, TerminalStarted)
+    assert result.answer.output[0].data == b"start\n"
+    mine = [f for f in tunnel.order if getattr(f, "channel_id", None) == "c1"]
+    assert mine[0] is result.answer
+    out = result.output()
+    assert (len(out), out[:6], set(out[6:])) == (5006, b"start\n", {ord("a")}), result
+    result.assert_contiguous()
+
+
 async def test_timeout_kills_the_whole_process_tree(open_tunnel: OpenTunnel) -> None:
     """A shell waiting on a background child: after timeout the exit says so, both are gone."""
     tunnel = await open_tunnel()

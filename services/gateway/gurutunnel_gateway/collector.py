@@ -25,8 +25,9 @@ Contract:
   is every ``gc_deep_every``-th collection, and the next one as soon as more sockets ended since
   the last deep one than a quarter of those connected: a mass reconnect does not leave the old
   sockets' memory held for ``gc_deep_every`` intervals.
-- ``gc_full_interval_s = 0``: :func:`install` changes nothing and the loop does not run
-  (CPython's own policy).
+- ``gc_full_interval_s = 0``, or a Python whose collector has no full-collection threshold
+  (CPython 3.14's incremental one): :func:`install` changes nothing and the loop does not run.
+- A failed collection (a bug in a callback) is logged and the loop goes on.
 - Each collection is counted in ``GatewayMetrics`` (kind ``recent`` or ``deep``, seconds).
 """
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# gen2 is collected when its count (young-generation collections since the last full one)
+# gen2 is collected when its count (middle-generation collections since the last full one)
 # exceeds this: never, in practice
 _NO_AUTOMATIC_FULL = 2**31 - 1
 _installed = False
@@ -57,11 +58,17 @@ def install(full_interval_s: float) -> None:
     global _installed
     if full_interval_s <= 0:
         return
+    young, middle, oldest = gc.get_threshold()
+    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
+    if gc.get_threshold()[2] != _NO_AUTOMATIC_FULL:
+        # a collector without that threshold (CPython 3.14's incremental one, whose pauses
+        # are short anyway): leave it as it is
+        gc.set_threshold(young, middle, oldest)
+        log.info("garbage collector left as it is: this Python has no full-collection threshold")
+        return
     _installed = True
     gc.collect()
     gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
     log.info("garbage collector: full collections at quiet moments, start-up frozen")
 
 
@@ -87,7 +94,6 @@ class FullCollections:
         on_collection: Callable[[Collection], None],
         sockets: Callable[[], tuple[int, int]] = lambda: (0, 0),
         clock: Callable[[], float] = time.monotonic,
-        poll_s: float = 1.0,
     ) -> None:
         self._interval_s = interval_s
         self._quiet_s = quiet_s
@@ -95,25 +101,31 @@ class FullCollections:
         self._last_arrival = last_arrival
         self._on_collection = on_collection
         self._clock = clock
-        self._poll_s = min(poll_s, quiet_s) if quiet_s > 0 else poll_s
         self._sockets = sockets
         """(agent sockets ended so far, agent sockets connected now)."""
         self._count = 0
         self._ended_at_deep = 0
 
-    def quiet(self) -> bool:
-        """No agent socket was set up in the last ``quiet_s``."""
+    def _quiet_in_s(self) -> float:
+        """Seconds until no agent socket was set up for ``quiet_s`` (0 or less: quiet now)."""
         last = self._last_arrival()
-        return last is None or self._clock() - last >= self._quiet_s
+        return 0.0 if last is None else last + self._quiet_s - self._clock()
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            waited_s = 0.0
-            while not self.quiet() and waited_s < self._interval_s:
-                await asyncio.sleep(self._poll_s)
-                waited_s += self._poll_s
-            self.collect()
+            deadline = self._clock() + self._interval_s
+            while True:
+                # until the last arrival is quiet_s old (a newer one moves it), or the deadline
+                wait_s = min(self._quiet_in_s(), deadline - self._clock())
+                if wait_s <= 0:
+                    break
+                await asyncio.sleep(wait_s)
+            try:
+                self.collect()
+            except Exception:
+                # CPython's own full collections are off: this loop must go on whatever happens
+                log.exception("full garbage collection failed; the next one is due as usual")
 
     def collect(self) -> Collection:
         """One full collection now (deep or not: see the module contract), survivors frozen."""

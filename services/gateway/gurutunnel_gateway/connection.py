@@ -263,10 +263,9 @@ class AgentConnection:
         self._newest_notice_seq = 0
         """Highest sequence another connection announced before ours was known."""
         self._frame_json: tuple[Frame, str] | None = None
+        """The frame being handled and the agent's text it was validated from."""
         self._reply_head: bytes | None = None
         """``CommandReply``'s JSON up to its frame, built at the first reply (stamp constant)."""
-        """The frame being handled and the agent's text it was validated from."""
-        """The JSON text of the agent frame being handled, as received and validated."""
 
     # ------------------------------------------------------------------ helpers
 

@@ -171,18 +171,3 @@ async def test_the_process_runs_full_collections_itself_at_quiet_moments(
                     counts = await asyncio.to_thread(gc_collections, port)
         logged = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert any(entry.get("msg") == "full garbage collection" for entry in logged)
-
-
-async def test_with_gc_full_interval_0_the_process_runs_none(
-    nats_url: str,
-    subject_prefix: str,
-    agent_key: tuple[Ed25519PrivateKey, str],
-    tmp_path: Path,
-) -> None:
-    """gc_full_interval_s = 0 leaves CPython's collector alone: the gateway runs no collection."""
-    with running_gateway(
-        nats_url, subject_prefix, agent_key[1], tmp_path, gc_full_interval_s="0"
-    ) as (_, port, _):
-        await asyncio.sleep(1.0)
-        counts = await asyncio.to_thread(gc_collections, port)
-    assert counts == {}

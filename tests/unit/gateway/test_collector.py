@@ -105,7 +105,6 @@ async def _first_collection(last_arrival: Callable[[], float | None], **kwargs: 
         last_arrival=last_arrival,
         on_collection=lambda _: None,
         deep_every=12,
-        poll_s=0.02,
         **kwargs,
     )
     task = asyncio.create_task(loop.run())
@@ -140,6 +139,35 @@ async def test_while_agents_keep_arriving_it_collects_after_one_more_interval() 
     assert 0.6 <= at < 0.9
 
 
+async def test_a_failed_collection_does_not_end_the_loop() -> None:
+    """CPython's own full collections are off: one failure must not stop them for good."""
+    started = time.monotonic()
+
+    class _FailsOnce(_Timed):
+        def collect(self) -> Collection:
+            if not self.at:
+                self.at.append(-1.0)
+                raise RuntimeError("a bug in a callback")
+            return super().collect()
+
+    loop = _FailsOnce(
+        started,
+        interval_s=0.1,
+        quiet_s=0.0,
+        deep_every=12,
+        last_arrival=lambda: None,
+        on_collection=lambda _: None,
+    )
+    task = asyncio.create_task(loop.run())
+    try:
+        async with asyncio.timeout(5):
+            while len(loop.at) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert loop.at[0] == -1.0 and loop.at[1] >= 0.2
+
+
 def _in_a_fresh_process(code: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
@@ -165,6 +193,21 @@ def test_install_with_interval_0_changes_nothing() -> None:
         "from gurutunnel_gateway import collector\n"
         "before = gc.get_threshold()\n"
         "collector.install(0)\n"
+        "print(collector.installed(), gc.get_freeze_count(), gc.get_threshold() == before)\n"
+    )
+    assert _in_a_fresh_process(code) == "False 0 True"
+
+
+def test_install_on_a_collector_without_a_full_threshold_changes_nothing() -> None:
+    """Where the third threshold does not stick (CPython 3.14's incremental collector), the
+    gateway leaves the collector as it is and runs no loop."""
+    code = (
+        "import gc\n"
+        "real = gc.set_threshold\n"
+        "gc.set_threshold = lambda young, *rest: real(young, *rest[:1])\n"
+        "from gurutunnel_gateway import collector\n"
+        "before = gc.get_threshold()\n"
+        "collector.install(300.0)\n"
         "print(collector.installed(), gc.get_freeze_count(), gc.get_threshold() == before)\n"
     )
     assert _in_a_fresh_process(code) == "False 0 True"

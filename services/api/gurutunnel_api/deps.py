@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="technician JWT")
 
+# The providers below only read ``app.state``, and are ``async def`` for that reason: FastAPI
+# runs a plain ``def`` dependency in its thread pool, a thread hop per dependency per request.
 
-def get_settings(request: Request) -> ApiSettings:
+
+async def get_settings(request: Request) -> ApiSettings:
     settings: ApiSettings = request.app.state.settings
     return settings
 
@@ -47,22 +50,22 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_bus(request: Request) -> Bus:
+async def get_bus(request: Request) -> Bus:
     bus: Bus = request.app.state.bus
     return bus
 
 
-def get_metrics(request: Request) -> ApiMetrics:
+async def get_metrics(request: Request) -> ApiMetrics:
     metrics: ApiMetrics = request.app.state.metrics
     return metrics
 
 
-def get_passwords(request: Request) -> PasswordHashing:
+async def get_passwords(request: Request) -> PasswordHashing:
     passwords: PasswordHashing = request.app.state.passwords
     return passwords
 
 
-def get_agent_signing_key(request: Request) -> Ed25519PrivateKey:
+async def get_agent_signing_key(request: Request) -> Ed25519PrivateKey:
     key: Ed25519PrivateKey | None = request.app.state.agent_signing_key
     if key is None:
         raise ServiceUnavailable(

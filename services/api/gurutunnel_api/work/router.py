@@ -55,7 +55,8 @@ NDJSON = "application/x-ndjson"
 T = TypeVar("T")
 
 
-def get_work(request: Request) -> WorkContext:
+async def get_work(request: Request) -> WorkContext:
+    # async: a plain def dependency would cost a thread-pool hop per request (see deps.py)
     work: WorkContext = request.app.state.work
     return work
 

@@ -239,7 +239,10 @@ async def _run_answered(
     """Run a channel with its answer beside it; the channel ends only once its answer is sent
     (or given up): an exit frame held for the answer leaves in it, ahead of anything the reader
     sends after the channel ended (``channel.closed``, ``tunnel.closed``)."""
-    answering = asyncio.create_task(answer(), name="agent-channel-answer")
+    answering = asyncio.create_task(
+        answer(), name=f"agent-channel-answer-{runtime.output.channel_id}"
+    )
+    answering.add_done_callback(_answer_done)
     try:
         await runtime.run()
     except asyncio.CancelledError:
@@ -256,17 +259,22 @@ async def _run_answered(
             cancelled = exc
             answering.cancel()
             await asyncio.wait({answering})
-        if not answering.cancelled():
-            failure = answering.exception()
-            # a closed socket is the reader's to notice; anything else is a bug worth a trace
-            if failure is not None and not isinstance(failure, ConnectionClosed):
-                log.error(
-                    "channel answer failed",
-                    extra={"channel_id": runtime.output.channel_id},
-                    exc_info=(type(failure), failure, failure.__traceback__),
-                )
         if cancelled is not None:
             raise cancelled
+
+
+def _answer_done(answering: asyncio.Task[None]) -> None:
+    """Read how an answer ended (whoever stopped waiting for it): a closed socket is the
+    reader's to notice; anything else is a bug worth a trace."""
+    if answering.cancelled():
+        return
+    failure = answering.exception()
+    if failure is not None and not isinstance(failure, ConnectionClosed):
+        log.error(
+            "channel answer failed",
+            extra={"task": answering.get_name()},
+            exc_info=(type(failure), failure, failure.__traceback__),
+        )
 
 
 def _refusal_reason(response: Response) -> str:
@@ -781,6 +789,10 @@ class AgentClient:
                 reply = await answer()
                 try:
                     await self._send(conn, reply)
+                except asyncio.CancelledError:
+                    if isinstance(reply, TerminalStarted):
+                        runtime.output.not_delivered(reply.exit)
+                    raise
                 except Exception:
                     # the answer did not leave: the frames it carried go on their own, first
                     await self._send_inline(conn, reply)

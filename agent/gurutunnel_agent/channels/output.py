@@ -85,6 +85,19 @@ class ChannelOutput:
         frames numbered before it."""
         self._answer_opens = True
 
+    def release(self) -> None:
+        """Stop holding for good (the channel's answer is over, sent or not): frames from now
+        on wait only for :meth:`open`."""
+        self._holding = False
+        self._settled.set()
+
+    def not_delivered(self, exit_frame: TerminalExit | None) -> None:
+        """The answer carrying the held frames did not leave (cancelled while sending): when it
+        carried the exit frame, the channel has not ended for its reader, and a best-effort
+        exit may still be sent (numbered after the lost frames: the reader sees the gap)."""
+        if exit_frame is not None:
+            self.exited = False
+
     def open_for_stop(self) -> None:
         """A stop must be able to end the channel: open, unless the answer will
         (:meth:`answer_opens`)."""

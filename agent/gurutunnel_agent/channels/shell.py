@@ -209,6 +209,7 @@ class ShellChannel:
             stdout_bytes=self.stdout_bytes,
             stderr_bytes=0,
             error="the channel did not end in time; its process tree was killed",
+            abandoned=True,
         )
 
     async def run(self) -> None:

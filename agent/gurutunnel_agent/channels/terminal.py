@@ -329,6 +329,7 @@ class CommandChannel:
             error="the channel did not end in time; its process tree was killed",
             stdout_bytes=self.budget.produced[OutputStream.STDOUT],
             stderr_bytes=self.budget.produced[OutputStream.STDERR],
+            abandoned=True,
         )
 
     async def run(self) -> None:
@@ -445,11 +446,18 @@ async def best_effort_exit(
     stdout_bytes: int,
     stderr_bytes: int,
     error: str,
+    abandoned: bool = False,
 ) -> None:
-    """The channel's one exit frame if it was not sent yet; a failure here is only logged."""
+    """The channel's one exit frame if it was not sent yet; a failure here is only logged.
+    ``abandoned``: the channel's task (and any answer of its own) is over, so nothing is held
+    for an answer any more; otherwise an answer still on its way opens the output itself."""
     if output.exited:
         return
-    output.open()
+    if abandoned:
+        output.release()
+        output.open()
+    else:
+        output.open_for_stop()
     try:
         await output.exit(
             reason,

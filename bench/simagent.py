@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import hashlib
 import json
 import random
@@ -45,6 +44,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gurutunnel_agent.client import Backoff
+from gurutunnel_gateway.collector import stop_automatic_full_collections
 from gurutunnel_protocol import ErrorCode, ProtocolError
 from gurutunnel_protocol.envelope import decode_server_to_agent, encode_text
 from gurutunnel_protocol.messages import (
@@ -793,21 +793,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python -m bench.simagent CONFIG.json")
     raise_nofile_limit()
     config = SimConfig.model_validate_json(Path(args[0]).read_text())
-    quiet_collector()
+    # No automatic full collection in this load generator: with thousands of sockets CPython's
+    # stop the process for up to a second, again and again as they are opened (measured: 11 of
+    # 0.1-1.1 s per process in one storm), so the clients would stall and time out handshakes
+    # on either side of a comparison. A process lives for one run; young collections still
+    # free short-lived cycles. The gateway's own policy, without its periodic collections.
+    stop_automatic_full_collections()
     asyncio.run(amain(config))
-
-
-def quiet_collector() -> None:
-    """No automatic full collection in this load generator: with thousands of sockets CPython's
-    stop the process for up to a second, again and again as they are opened (measured: 11 of
-    0.1-1.1 s per process in one storm), so the clients would stall and time out handshakes on
-    either side of a comparison. What start-up built is frozen; a process lives for one run,
-    and young collections still free short-lived cycles. (The gateway does the same, plus its
-    own periodic full collections: ``gurutunnel_gateway.collector``.)"""
-    gc.collect()
-    gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 2**31 - 1)
 
 
 if __name__ == "__main__":

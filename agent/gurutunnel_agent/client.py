@@ -250,17 +250,14 @@ async def _run_answered(
         answering.cancel()
         raise
     finally:
-        cancelled: asyncio.CancelledError | None = None
         try:
             await asyncio.wait({answering})
-        except asyncio.CancelledError as exc:
+        except asyncio.CancelledError:
             # cancelled while the answer is still on its way: never leave it running behind
-            # channel.closed / tunnel.closed
-            cancelled = exc
+            # channel.closed / tunnel.closed (_answer_done reads how it ended)
             answering.cancel()
             await asyncio.wait({answering})
-        if cancelled is not None:
-            raise cancelled
+            raise
 
 
 def _answer_done(answering: asyncio.Task[None]) -> None:
@@ -801,7 +798,7 @@ class AgentClient:
                 # whatever happened to the answer, the channel must be able to end (exit frame)
                 runtime.output.open()
 
-        in_task = isinstance(runtime, CommandChannel) and runtime.output.holding
+        in_task = runtime.output.holding  # only a command asked for an inline result holds
         if in_task:
             runtime.output.answer_opens()
         # registered before the answer: if the socket dies while answering, the connection's

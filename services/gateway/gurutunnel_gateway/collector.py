@@ -14,7 +14,7 @@ Contract:
   freezes what start-up built (modules, schemas, settings: never garbage) so that no later
   collection walks it, and turns off CPython's automatic full collections. Young and middle
   generations are still collected by CPython at its own thresholds (short-lived cycles die
-  there).
+  there). That process-wide part alone is :func:`stop_automatic_full_collections`.
 - :class:`FullCollections` (a gateway loop, ``run``, started only where :func:`installed`):
   every ``gc_full_interval_s`` it runs a full collection at a quiet moment: no agent socket set
   up for ``gc_quiet_s``. While agents keep arriving it waits, at most one more interval, then
@@ -58,18 +58,27 @@ def install(full_interval_s: float) -> None:
     global _installed
     if full_interval_s <= 0:
         return
-    young, middle, oldest = gc.get_threshold()
-    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
-    if gc.get_threshold()[2] != _NO_AUTOMATIC_FULL:
-        # a collector without that threshold (CPython 3.14's incremental one, whose pauses
-        # are short anyway): leave it as it is
-        gc.set_threshold(young, middle, oldest)
+    if not stop_automatic_full_collections():
         log.info("garbage collector left as it is: this Python has no full-collection threshold")
         return
     _installed = True
+    log.info("garbage collector: full collections at quiet moments, start-up frozen")
+
+
+def stop_automatic_full_collections() -> bool:
+    """Collect once, freeze what exists and turn CPython's automatic full collections off, for
+    this whole process; False (nothing changed) where the collector has no full-collection
+    threshold (CPython 3.14's incremental one, whose pauses are short anyway). Also for a
+    process that lives for one job and needs no full collection at all (bench's simulated
+    agents)."""
+    young, middle, oldest = gc.get_threshold()
+    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
+    if gc.get_threshold()[2] != _NO_AUTOMATIC_FULL:
+        gc.set_threshold(young, middle, oldest)
+        return False
     gc.collect()
     gc.freeze()
-    log.info("garbage collector: full collections at quiet moments, start-up frozen")
+    return True
 
 
 @dataclass
@@ -103,7 +112,8 @@ class FullCollections:
         self._clock = clock
         self._sockets = sockets
         """(agent sockets ended so far, agent sockets connected now)."""
-        self._count = 0
+        self._since_deep = 0
+        """Collections since the last deep one."""
         self._ended_at_deep = 0
 
     def _quiet_in_s(self) -> float:
@@ -129,12 +139,12 @@ class FullCollections:
 
     def collect(self) -> Collection:
         """One full collection now (deep or not: see the module contract), survivors frozen."""
-        self._count += 1
+        self._since_deep += 1
         ended, connected = self._sockets()
-        deep = self._count % self._deep_every == 0 or ended - self._ended_at_deep > connected // 4
+        deep = self._since_deep >= self._deep_every or ended - self._ended_at_deep > connected // 4
         started = time.perf_counter()
         if deep:
-            self._count, self._ended_at_deep = 0, ended
+            self._since_deep, self._ended_at_deep = 0, ended
             gc.unfreeze()
         collected = gc.collect()
         gc.freeze()

@@ -44,7 +44,8 @@ Contract (docs/design.md "Agent socket" and "Bus"):
   with ``conn_id``, ``gateway_id`` and ``boot_id``.
 - Frames are validated once and forwarded as received: an agent frame goes into its
   ``SessionUp`` / ``CommandReply`` as the JSON text the gateway validated
-  (``envelope.encode_spliced``; the receiver decodes the same text with the same models), a
+  (``envelope.spliced_head``, as ``encode_spliced`` joins them; the receiver decodes the same
+  text with the same models), a
   command or session input from the API goes to the agent as the bytes it validated.
 """
 
@@ -69,7 +70,6 @@ from gurutunnel_protocol.envelope import (
     decode_agent_command,
     decode_agent_to_server,
     encode,
-    encode_spliced,
     encode_text,
     spliced_head,
 )
@@ -264,8 +264,8 @@ class AgentConnection:
         """Highest sequence another connection announced before ours was known."""
         self._frame_json: tuple[Frame, str] | None = None
         """The frame being handled and the agent's text it was validated from."""
-        self._reply_head: bytes | None = None
-        """``CommandReply``'s JSON up to its frame, built at the first reply (stamp constant)."""
+        self._stamp_head: tuple[type[Frame], bytes] | None = None
+        """An envelope without per-frame fields and its head (``_head``), built at first use."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -349,13 +349,10 @@ class AgentConnection:
         ):
             return self.send(frame, as_received=as_received)
         text = encode_text(frame) if as_received is None else _text(as_received, frame)
-        traffic = self._deps.metrics.traffic
         self._writing_now = True
         try:
             with contextlib.suppress(ConnectionClosed):
-                await self.ws.send(text)
-                traffic.frames_out += 1
-                traffic.bytes_out += len(text)
+                await self._write_one(text)
         finally:
             self._writing_now = False
             self._start_writer()  # for what was queued meanwhile
@@ -540,24 +537,33 @@ class AgentConnection:
         handled = self._frame_json
         if handled is None or handled[0] is not frame:
             return encode(envelope(**self._stamp(), **fields, frame=frame))
-        if envelope is CommandReply and not fields:
-            # every answer of this connection has the same head: json.dumps of the stamp was
-            # the largest part of the gateway's own work per command
-            if self._reply_head is None:
-                self._reply_head = spliced_head(CommandReply, self._stamp())
-            return b"".join((self._reply_head, handled[1].encode(), b"}"))
-        return encode_spliced(envelope, {**self._stamp(), **fields}, handled[1])
+        return b"".join((self._head(envelope, fields), handled[1].encode(), b"}"))
+
+    def _head(self, envelope: type[Frame], fields: dict[str, str | int]) -> bytes:
+        """``envelope``'s JSON up to its frame (``spliced_head``). Without per-frame fields it
+        is the same for every frame of this connection (the stamp is constant) and is built
+        once: json.dumps of the stamp was the largest part of the gateway's own work per
+        command reply."""
+        if fields:
+            return spliced_head(envelope, {**self._stamp(), **fields})
+        cached = self._stamp_head
+        if cached is None or cached[0] is not envelope:
+            cached = self._stamp_head = (envelope, spliced_head(envelope, self._stamp()))
+        return cached[1]
+
+    async def _write_one(self, text: str) -> None:
+        """Write one frame to the socket and count it (the writer's and ``send_now``'s way)."""
+        await self.ws.send(text)
+        traffic = self._deps.metrics.traffic
+        traffic.frames_out += 1
+        traffic.bytes_out += len(text)
 
     async def _write(self, queue: deque[str]) -> None:
         """Send what is queued, in order, then end (``send`` starts the next writer)."""
-        traffic = self._deps.metrics.traffic
         try:
             with contextlib.suppress(ConnectionClosed):
                 while queue:
-                    text = queue.popleft()
-                    await self.ws.send(text)
-                    traffic.frames_out += 1
-                    traffic.bytes_out += len(text)
+                    await self._write_one(queue.popleft())
         finally:
             # No await between the empty queue and this: a send() after it starts a new writer
             # (and a new queue: an idle connection keeps none).

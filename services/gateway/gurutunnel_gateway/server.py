@@ -12,7 +12,7 @@ Contract:
   403, draining or NATS down -> 503, all with ``{"error": {"code", "message"}}`` and no socket.
   Once verified, the credential is removed from the request websockets keeps for the life of
   the socket. Any other path -> 404.
-- Handshake slots: at most ``max_concurrent_handshakes`` upgrades are between the credential
+- Handshake slots: at most ``max_concurrent_handshakes`` upgrades are between their credential
   check and their ``presence.connected`` acknowledgement at once (the others wait, in arrival
   order, within ``open_timeout_s``); a slot is taken before the credential check (a storm's
   thousands of signature checks would otherwise run in one loop turn, and every command to the

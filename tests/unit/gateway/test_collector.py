@@ -99,22 +99,38 @@ class _Timed(FullCollections):
         return Collection(deep=False, seconds=0.0, collected=0)
 
 
-async def _first_collection(last_arrival: Callable[[], float | None], **kwargs: object) -> float:
-    loop = _Timed(
+async def _collections_at(
+    last_arrival: Callable[[], float | None],
+    *,
+    interval_s: float,
+    quiet_s: float,
+    count: int = 1,
+    timed: type[_Timed] = _Timed,
+) -> list[float]:
+    """When the loop ran its first ``count`` collections (seconds after its start)."""
+    loop = timed(
         time.monotonic(),
+        interval_s=interval_s,
+        quiet_s=quiet_s,
         last_arrival=last_arrival,
         on_collection=lambda _: None,
         deep_every=12,
-        **kwargs,
     )
     task = asyncio.create_task(loop.run())
     try:
         async with asyncio.timeout(5):
-            while not loop.at:
+            while len(loop.at) < count:
                 await asyncio.sleep(0.01)
     finally:
         task.cancel()
-    return loop.at[0]
+    return loop.at
+
+
+async def _first_collection(
+    last_arrival: Callable[[], float | None], *, interval_s: float, quiet_s: float
+) -> float:
+    at = await _collections_at(last_arrival, interval_s=interval_s, quiet_s=quiet_s)
+    return at[0]
 
 
 async def test_with_no_arrivals_it_collects_after_the_interval() -> None:
@@ -141,7 +157,6 @@ async def test_while_agents_keep_arriving_it_collects_after_one_more_interval() 
 
 async def test_a_failed_collection_does_not_end_the_loop() -> None:
     """CPython's own full collections are off: one failure must not stop them for good."""
-    started = time.monotonic()
 
     class _FailsOnce(_Timed):
         def collect(self) -> Collection:
@@ -150,22 +165,8 @@ async def test_a_failed_collection_does_not_end_the_loop() -> None:
                 raise RuntimeError("a bug in a callback")
             return super().collect()
 
-    loop = _FailsOnce(
-        started,
-        interval_s=0.1,
-        quiet_s=0.0,
-        deep_every=12,
-        last_arrival=lambda: None,
-        on_collection=lambda _: None,
-    )
-    task = asyncio.create_task(loop.run())
-    try:
-        async with asyncio.timeout(5):
-            while len(loop.at) < 2:
-                await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-    assert loop.at[0] == -1.0 and loop.at[1] >= 0.2
+    at = await _collections_at(lambda: None, interval_s=0.1, quiet_s=0.0, count=2, timed=_FailsOnce)
+    assert at[0] == -1.0 and at[1] >= 0.2
 
 
 def _in_a_fresh_process(code: str) -> str:

@@ -14,7 +14,8 @@ Contract:
   ``channel.open``/``channel.close``, ``terminal.command``, ``terminal.cancel`` and the file
   frames. It runs no process: commands are answered in-process (``bench echo`` prints ``ok``;
   ``bench stream TOTAL CHUNK`` emits TOTAL bytes of incompressible output in CHUNK-byte
-  ``terminal.chunk`` frames as fast as the socket takes them, until done or cancelled). Uploads
+  ``terminal.chunk`` frames as fast as the socket takes them and, when the command carries
+  ``window_bytes``, its ``terminal.ack`` s allow, until done or cancelled). Uploads
   are hashed and dropped (no disk); a download of ``/bench/download/<size>`` sends ``size``
   bytes of a fixed pseudo-random pattern.
 - Reconnects follow the real agent: ``gurutunnel_agent.client.Backoff`` with the agent's
@@ -34,6 +35,7 @@ import random
 import resource
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +50,7 @@ from gurutunnel_gateway.collector import stop_automatic_full_collections
 from gurutunnel_protocol import ErrorCode, ProtocolError
 from gurutunnel_protocol.envelope import decode_server_to_agent, encode_text
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     ChannelClose,
     ChannelClosed,
     ChannelOpen,
@@ -66,6 +69,7 @@ from gurutunnel_protocol.messages import (
     Reconnect,
     ShellOpen,
     Terminal,
+    TerminalAck,
     TerminalCancel,
     TerminalExit,
     TerminalStarted,
@@ -75,6 +79,7 @@ from gurutunnel_protocol.messages import (
     TunnelOpen,
     TunnelReady,
     Welcome,
+    chunk_cost,
 )
 
 # The real agent's defaults (agent/gurutunnel_agent/config.py)
@@ -227,6 +232,30 @@ class _Download:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass
+class _Window:
+    """A stream's output window (``window_bytes``): (seq, cost) sent and not acknowledged."""
+
+    size: int
+    unacked: deque[tuple[int, int]] = field(default_factory=deque)
+    cost: int = 0
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ack(self, seq: int) -> None:
+        while self.unacked and self.unacked[0][0] <= seq:
+            self.cost -= self.unacked.popleft()[1]
+        self.moved.set()
+
+    async def room_for(self, cost: int) -> None:
+        while self.unacked and self.cost + cost > self.size:
+            self.moved.clear()
+            await self.moved.wait()
+
+    def sent(self, seq: int, cost: int) -> None:
+        self.unacked.append((seq, cost))
+        self.cost += cost
+
+
 class AgentSocket:
     """One connected agent: answers the gateway's frames (see the module contract)."""
 
@@ -238,6 +267,7 @@ class AgentSocket:
         self.channels: dict[str, asyncio.Task[None]] = {}
         self.uploads: dict[str, _Upload] = {}
         self.downloads: dict[str, _Download] = {}
+        self.windows: dict[str, _Window] = {}
         self.reconnect_delay_s: float | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -303,6 +333,10 @@ class AgentSocket:
             task = self.channels.get(frame.channel_id)
             if task is not None:
                 task.cancel()
+        elif isinstance(frame, TerminalAck):
+            window = self.windows.get(frame.channel_id)
+            if window is not None:
+                window.ack(frame.seq)
         elif isinstance(frame, TunnelOpen):
             if self.session_id not in (None, frame.session_id):
                 await self.send(
@@ -449,9 +483,19 @@ class AgentSocket:
             await self.send(self._exit(frame, 1, ExitReason.EXITED, 0.0, 3))
             return
         total, chunk = int(words[2]), int(words[3])
-        task = asyncio.create_task(self._stream(frame, total, chunk))
+        window = None
+        if frame.window_bytes is not None:
+            # a chunk costs at most a quarter of the window (the protocol's rule)
+            chunk = max(1, min(chunk, frame.window_bytes // 4 - CHUNK_COST_BYTES))
+            window = self.windows[frame.channel_id] = _Window(frame.window_bytes)
+        task = asyncio.create_task(self._stream(frame, total, chunk, window))
         self.channels[frame.channel_id] = task
-        task.add_done_callback(lambda _: self.channels.pop(frame.channel_id, None))
+
+        def ended(_: object) -> None:
+            self.channels.pop(frame.channel_id, None)
+            self.windows.pop(frame.channel_id, None)
+
+        task.add_done_callback(ended)
 
     @staticmethod
     def _exit(
@@ -468,7 +512,9 @@ class AgentSocket:
             stderr_bytes=0,
         )
 
-    async def _stream(self, frame: Terminal, total: int, chunk: int) -> None:
+    async def _stream(
+        self, frame: Terminal, total: int, chunk: int, window: _Window | None
+    ) -> None:
         started = time.monotonic()
         sent, seq = 0, 0
         reason = ExitReason.EXITED
@@ -483,6 +529,9 @@ class AgentSocket:
                     data = payloads[seq % 8]
                 else:
                     data = base64.b64encode(pattern_bytes(0, size)).decode("ascii")
+                if window is not None:
+                    await window.room_for(chunk_cost(size))
+                    window.sent(seq, chunk_cost(size))
                 await self.ws.send(chunk_text(frame.session_id, frame.channel_id, seq, data))
                 sent += size
                 seq += 1

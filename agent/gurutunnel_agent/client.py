@@ -68,6 +68,8 @@ Contract:
   ``channel.close`` and ``tunnel.close`` cancel the runtime (``file.failed{session_closed}``);
   on socket loss every file runtime is cancelled (``connection lost``) and its task awaited
   (bounded like the other channels), nothing more is sent.
+- ``terminal.ack`` goes to the command's or shell's output window (``ChannelOutput.ack``, never
+  blocking the reader).
 - Shell input (``tunnel.data``) is only queued by the reader (``ShellChannel.feed``); each shell
   writes its own queue, so a shell that stops reading cannot stall the reader, the other
   channels or ``tunnel.close``. A full queue answers ``tunnel.error{agent_backpressure}``.
@@ -126,6 +128,7 @@ from .tunnel import (
     EndSession,
     FileAcked,
     FileData,
+    OutputAcked,
     ResizeShell,
     ShellInput,
     StartCommand,
@@ -647,6 +650,12 @@ class AgentClient:
                 running = conn.channels.get(action.channel_id)
                 if running is not None and isinstance(running.runtime, DownloadChannel):
                     running.runtime.ack(action.offset)
+            case OutputAcked():
+                running = conn.channels.get(action.channel_id)
+                if running is not None and isinstance(
+                    running.runtime, CommandChannel | ShellChannel
+                ):
+                    running.runtime.output.ack(action.seq)
             case StopChannel():
                 running = conn.channels.get(action.channel_id)
                 if running is not None and running.session_id == action.session_id:

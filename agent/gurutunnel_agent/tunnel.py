@@ -31,6 +31,8 @@ Contract:
     channel if refused, else starts the process and answers ``terminal.started``.
   * ``shell.open``: the same checks (cwd: the default one) -> :class:`StartShell`; the client
     answers ``channel.opened{shell}``. ``not_implemented`` where PTYs are unsupported.
+  * ``terminal.ack`` -> :class:`OutputAcked` only on a running command or shell of the session
+    held; anything else (the ack of a channel that just ended) is dropped without an answer.
   * ``terminal.cancel`` -> :class:`StopChannel` (``cancelled``, not awaited, no answer);
     ``tunnel.data`` on a shell -> :class:`ShellInput`; ``shell.resize`` -> :class:`ResizeShell`.
   * ``file.upload`` / ``file.download``: the same checks as ``terminal.command`` (session held,
@@ -84,6 +86,7 @@ from gurutunnel_protocol.messages import (
     ShellOpen,
     ShellResize,
     Terminal,
+    TerminalAck,
     TerminalCancel,
     TunnelClose,
     TunnelClosed,
@@ -197,6 +200,15 @@ class FileAcked:
 
 
 @dataclass(frozen=True)
+class OutputAcked:
+    """The server consumed a command's or shell's output up to ``seq`` (flow control)."""
+
+    session_id: str
+    channel_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class StopChannel:
     """Kill the channel's process tree; it ends with ``reason``. ``wait``: before going on."""
 
@@ -235,6 +247,7 @@ Action = (
     | StartDownload
     | FileData
     | FileAcked
+    | OutputAcked
     | StopChannel
     | ShellInput
     | ResizeShell
@@ -247,6 +260,7 @@ ACTION_TYPES = (
     StartDownload,
     FileData,
     FileAcked,
+    OutputAcked,
     StopChannel,
     ShellInput,
     ResizeShell,
@@ -412,6 +426,8 @@ class TunnelManager:
             return []
         if isinstance(frame, FileChunk | FileAck | FileCancel):
             return self._transfer_frame(frame)
+        if isinstance(frame, TerminalAck):
+            return self._output_ack(frame)
         try:
             return self._dispatch(frame)
         except TunnelStateError as exc:
@@ -529,6 +545,16 @@ class TunnelManager:
                     )
                 ]
         return []
+
+    def _output_ack(self, frame: TerminalAck) -> list[AgentToServer | Action]:
+        """An ack of a running command's or shell's output; dropped otherwise (acks of a channel
+        that just ended are expected, never an error)."""
+        if frame.session_id != self._session_id or self._channels.get(frame.channel_id) not in (
+            ChannelType.TERMINAL,
+            ChannelType.SHELL,
+        ):
+            return []
+        return [OutputAcked(frame.session_id, frame.channel_id, frame.seq)]
 
     def _require_running(self, session_id: str, channel_id: str, what: str) -> None:
         self._require_channel(session_id, channel_id)

@@ -188,6 +188,22 @@ async def _next(ws: ClientConnection, timeout_s: float = 30) -> dict[str, Any]:
         return msg
 
 
+async def _read_exec(ws: ClientConnection, stdout_bytes: int) -> hashlib._Hash:
+    """Chunks until the exit of the socket's one command, asserting seq order, no gap and no
+    error, exit 0 with ``stdout_bytes``; the SHA-256 of the output."""
+    digest, expected_seq = hashlib.sha256(), 0
+    while True:
+        msg = await _next(ws)
+        assert msg["type"] not in ("gap", "error"), msg
+        if msg["type"] == "chunk":
+            assert msg["seq"] == expected_seq
+            expected_seq += 1
+            digest.update(base64.b64decode(msg["data"]))
+        elif msg["type"] == "exit":
+            assert msg["exit_code"] == 0 and msg["stdout_bytes"] == stdout_bytes
+            return digest
+
+
 async def test_ten_megabytes_arrive_complete_and_in_order_over_the_websocket(
     stack: Stack, client: httpx.AsyncClient, session: str
 ) -> None:
@@ -196,18 +212,26 @@ async def test_ten_megabytes_arrive_complete_and_in_order_over_the_websocket(
     ws = await _ws(stack, client, session)
     try:
         await ws.send(json.dumps({"type": "exec", "argv": TEN_MB_COMMAND, "id": "big"}))
-        digest, expected_seq = hashlib.sha256(), 0
-        while True:
-            msg = await _next(ws)
-            assert msg["type"] not in ("gap", "error"), msg
-            if msg["type"] == "chunk":
-                assert msg["seq"] == expected_seq
-                expected_seq += 1
-                digest.update(base64.b64decode(msg["data"]))
-            elif msg["type"] == "exit":
-                assert msg["exit_code"] == 0 and msg["stdout_bytes"] == 10_000_000
-                break
-        assert digest.hexdigest() == expected
+        assert (await _read_exec(ws, 10_000_000)).hexdigest() == expected
+    finally:
+        await ws.close()
+
+
+THIRTY_MB_COMMAND = ["seq", "-f", "%09.0f", "1", "3000000"]
+
+
+async def test_a_reader_who_pauses_loses_nothing_and_is_not_dropped(
+    stack: Stack, client: httpx.AsyncClient, session: str
+) -> None:
+    """30 MB of output while the technician stops reading for 2 s first: far more than the
+    socket's queue (1 MiB) and the kernel's buffers hold. Output flow control makes the agent
+    wait for the reader, so every chunk arrives in order, no gap, no 1013."""
+    expected = hashlib.sha256(b"".join(b"%09d\n" % i for i in range(1, 3000001))).hexdigest()
+    ws = await _ws(stack, client, session)
+    try:
+        await ws.send(json.dumps({"type": "exec", "argv": THIRTY_MB_COMMAND, "id": "big"}))
+        await asyncio.sleep(2.0)
+        assert (await _read_exec(ws, 30_000_000)).hexdigest() == expected
     finally:
         await ws.close()
 

@@ -2,8 +2,8 @@
 
 The seam: :class:`gurutunnel_agent.tunnel.TunnelManager` (sans-I/O) owns which channels exist
 and validates every request; it returns actions (``StartCommand``, ``StartShell``,
-``StartUpload``, ``StartDownload``, ``FileData``, ``FileAcked``, ``StopChannel``, ``ShellInput``,
-``ResizeShell``, ``EndSession``) that
+``StartUpload``, ``StartDownload``, ``FileData``, ``FileAcked``, ``OutputAcked``, ``StopChannel``,
+``ShellInput``, ``ResizeShell``, ``EndSession``) that
 :class:`gurutunnel_agent.client.AgentClient` carries out with the runtimes here, one task per
 channel, owned by the connection:
 

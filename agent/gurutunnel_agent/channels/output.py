@@ -17,6 +17,13 @@ Contract:
   is logged once and every later frame is dropped: the caller keeps draining its pipes.
 - :meth:`exit` sends the ``terminal.exit`` frame; it may be called once, after which the output is
   closed.
+- With ``window_bytes`` (output flow control, ``gurutunnel_protocol.messages.terminal``), a chunk
+  waits before it takes its ``seq`` while the chunks sent or held and not yet acknowledged
+  (:meth:`ack`), counted with :func:`chunk_cost`, would pass the window with it; a chunk alone
+  in flight never waits, the exit frame never does, and after :meth:`unthrottle` (the channel is
+  stopping) nothing waits any more. Readers size their pieces with :meth:`piece_bytes`. Two
+  readers of one channel (stdout, stderr) may each pass the check before either takes its
+  ``seq``: the window can be passed by one chunk per reader.
 """
 
 from __future__ import annotations
@@ -24,15 +31,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     MAX_INLINE_CHUNKS,
     AgentToServer,
     ExitReason,
     OutputStream,
     TerminalChunk,
     TerminalExit,
+    chunk_cost,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +57,13 @@ class ChannelOutput:
     """Numbered, ordered, back-pressured output of one channel."""
 
     def __init__(
-        self, session_id: str, channel_id: str, emit: Emit, *, hold_bytes: int = 0
+        self,
+        session_id: str,
+        channel_id: str,
+        emit: Emit,
+        *,
+        hold_bytes: int = 0,
+        window_bytes: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.channel_id = channel_id
@@ -64,6 +80,13 @@ class ChannelOutput:
         self._held_size = 0
         self._settled = asyncio.Event()
         """Holding cannot go on: the exit frame is held, or a frame did not fit."""
+        self._window = window_bytes
+        self._unacked: deque[tuple[int, int]] = deque()
+        """(seq, cost) of the chunks sent or held and not acknowledged, in ``seq`` order."""
+        self._unacked_cost = 0
+        self._credit = asyncio.Event()
+        """Set by every :meth:`ack` and by :meth:`unthrottle`: waiting chunks check again."""
+        self._unthrottled = False
 
     @property
     def holding(self) -> bool:
@@ -120,7 +143,43 @@ class ChannelOutput:
         exits = [f for f in held if isinstance(f, TerminalExit)]  # at most one, the last
         return chunks, exits[0] if exits else None
 
+    def piece_bytes(self, chunk_bytes: int) -> int:
+        """How much to read for one chunk: ``chunk_bytes``, but with a window at most what
+        costs a quarter of it (the protocol's rule that keeps acknowledgements coming)."""
+        if self._window is None:
+            return chunk_bytes
+        return max(1, min(chunk_bytes, self._window // 4 - CHUNK_COST_BYTES))
+
+    @property
+    def unacked_bytes(self) -> int:
+        """The window taken by chunks not acknowledged yet (0 without flow control)."""
+        return self._unacked_cost
+
+    def ack(self, seq: int) -> None:
+        """The receiver consumed (or lost) every frame up to ``seq``: their window is free."""
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            self._unacked_cost -= unacked.popleft()[1]
+        self._credit.set()
+
+    def unthrottle(self) -> None:
+        """The channel is stopping: from now on no chunk waits for the window."""
+        self._unthrottled = True
+        self._credit.set()
+
+    async def _window_for(self, cost: int) -> None:
+        while (
+            self._window is not None
+            and not self._unthrottled
+            and self._unacked
+            and self._unacked_cost + cost > self._window
+        ):
+            self._credit.clear()
+            await self._credit.wait()
+
     async def chunk(self, stream: OutputStream, data: bytes) -> None:
+        cost = chunk_cost(len(data))
+        await self._window_for(cost)
         await self._send(
             lambda seq: TerminalChunk(
                 session_id=self.session_id,
@@ -128,7 +187,8 @@ class ChannelOutput:
                 seq=seq,
                 stream=stream,
                 data=data,
-            )
+            ),
+            cost=cost,
         )
 
     async def exit(
@@ -161,17 +221,20 @@ class ChannelOutput:
             final=True,
         )
 
-    async def _send(self, build: Callable[[int], AgentToServer], *, final: bool = False) -> None:
+    async def _send(
+        self, build: Callable[[int], AgentToServer], *, final: bool = False, cost: int = 0
+    ) -> None:
         if self.exited and not final:
             return
         # held even once opened (a stop before the answer opens the output): the answer that
         # settle() builds carries them, ahead of every later frame
-        if self._holding and self._hold(build(self._seq)):
+        if self._holding and self._hold(build(self._seq), cost):
             return
         await self._opened.wait()
         async with self._lock:
             seq = self._seq
             self._seq += 1
+            self._in_flight(seq, cost)
             if self._broken:
                 return
             try:
@@ -184,7 +247,12 @@ class ChannelOutput:
                     extra={"channel_id": self.channel_id, "error": type(exc).__name__},
                 )
 
-    def _hold(self, frame: AgentToServer) -> bool:
+    def _in_flight(self, seq: int, cost: int) -> None:
+        if cost and self._window is not None:
+            self._unacked.append((seq, cost))
+            self._unacked_cost += cost
+
+    def _hold(self, frame: AgentToServer, cost: int) -> bool:
         """Keep ``frame`` for the answer if it fits; else stop holding (it waits for ``open``)."""
         assert isinstance(frame, TerminalChunk | TerminalExit)
         size = len(frame.data) if isinstance(frame, TerminalChunk) else 0
@@ -196,6 +264,7 @@ class ChannelOutput:
             self._settled.set()
             return False
         # no await since the check in _send: no other frame can take this seq meanwhile
+        self._in_flight(self._seq, cost)
         self._seq += 1
         self._held.append(frame)
         self._held_size += size

@@ -14,8 +14,9 @@ Contract:
   writer task writes the queue to the master side, so a shell that stops reading stalls only
   itself, never the connection's reader. :meth:`ShellChannel.resize` sets the window size
   (TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground process group).
-- Output read from the master (pieces of at most ``chunk_bytes``, each send awaited) leaves as
-  ``terminal.chunk`` (``stream: stdout``), numbered like any channel. When the shell exits the
+- Output read from the master (pieces of at most ``chunk_bytes``, each send awaited, flow
+  controlled with ``window_bytes`` like a command's) leaves as ``terminal.chunk`` (``stream:
+  stdout``), numbered like any channel. When the shell exits the
   rest of its output drains (bounded by ``kill_grace_s``) and the channel ends with
   ``terminal.exit{exited, exit_code}``; :meth:`request_stop` (``channel.close``, ``terminal.cancel``
   or session close) sends SIGHUP then SIGKILL to the shell's group and ends it with that reason.
@@ -101,7 +102,9 @@ class ShellChannel:
         self.chunk_bytes = chunk_bytes
         self.kill_grace_s = kill_grace_s
         self.input_buffer_bytes = input_buffer_bytes
-        self.output = ChannelOutput(frame.session_id, frame.channel_id, emit)
+        self.output = ChannelOutput(
+            frame.session_id, frame.channel_id, emit, window_bytes=frame.window_bytes
+        )
         self.stdout_bytes = 0
         self._input: deque[bytes] = deque()
         self._input_bytes = 0
@@ -188,6 +191,7 @@ class ShellChannel:
         if self._stop_reason is None:
             self._stop_reason = reason
         self.output.open()
+        self.output.unthrottle()  # what the PTY still holds leaves without waiting for acks
         self._stop.set()
 
     @property
@@ -286,7 +290,7 @@ class ShellChannel:
     async def _pump(self, master: int) -> None:
         while True:
             try:
-                data = os.read(master, self.chunk_bytes)
+                data = os.read(master, self.output.piece_bytes(self.chunk_bytes))
             except BlockingIOError:
                 await self._ready(master)
                 continue
@@ -311,7 +315,9 @@ class ShellChannel:
                     {pump, stopping}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not pump.done():
-                    # background jobs keep the terminal open: end them with the group
+                    # background jobs keep the terminal open, or the reader acknowledges too
+                    # slowly: end the group, send what the PTY holds without waiting
+                    self.output.unthrottle()
                     await kill_tree(spawned, grace, first=signal.SIGHUP)
             else:
                 killed_for = self._stop_reason

@@ -9,8 +9,9 @@ Contract (the wire side is in ``gurutunnel_protocol.messages.terminal``):
   whole group (:func:`~gurutunnel_agent.channels.process.kill_tree`). stdin is the null device.
 - stdout and stderr are read concurrently in pieces of at most ``chunk_bytes`` and sent as
   ``terminal.chunk``; the reader awaits each send (back-pressure to the pipe, no unbounded
-  buffer). Output beyond the cap (:class:`OutputBudget`) is read and dropped, and the exit frame
-  says ``truncated``; ``stdout_bytes``/``stderr_bytes`` count everything the process wrote.
+  buffer; with ``window_bytes`` also flow control: see ``.output``). Output beyond the cap
+  (:class:`OutputBudget`) is read and dropped, and the exit frame says ``truncated``;
+  ``stdout_bytes``/``stderr_bytes`` count everything the process wrote.
 - When the process exits by itself, its output may drain for ``kill_grace_s`` more; a leftover
   child still holding the pipes after that is killed with its group (the exit stays ``exited``).
 - The channel ends with exactly one ``terminal.exit`` whatever happens (``exited`` with the exit
@@ -252,7 +253,11 @@ class CommandChannel:
         self.cwd = cwd
         self.limits = limits
         self.output = ChannelOutput(
-            frame.session_id, frame.channel_id, emit, hold_bytes=limits.inline_result_bytes
+            frame.session_id,
+            frame.channel_id,
+            emit,
+            hold_bytes=limits.inline_result_bytes,
+            window_bytes=frame.window_bytes,
         )
         cap = limits.max_output_bytes
         if frame.max_output_bytes is not None:
@@ -310,6 +315,7 @@ class CommandChannel:
         if self._stop_reason is None:
             self._stop_reason = reason
         self.output.open_for_stop()  # a stop before the start was answered still ends it
+        self.output.unthrottle()  # what the pipes still hold leaves without waiting for acks
         self._stop.set()
 
     def kill_now(self) -> None:
@@ -382,7 +388,7 @@ class CommandChannel:
 
     async def _pump(self, reader: asyncio.StreamReader, stream: OutputStream) -> None:
         while True:
-            data = await reader.read(self.limits.chunk_bytes)
+            data = await reader.read(self.output.piece_bytes(self.limits.chunk_bytes))
             if not data:
                 return
             part = self.budget.take(stream, data)
@@ -420,10 +426,13 @@ class CommandChannel:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not drained.done():
-                    # a leftover child still holds the pipes: end it with its group
+                    # a leftover child still holds the pipes, or the reader acknowledges too
+                    # slowly: end the group, send what the pipes hold without waiting
+                    self.output.unthrottle()
                     await kill_tree(spawned, grace)
             else:
                 killed_for = self._stop_reason if stopping.done() else ExitReason.TIMEOUT
+                self.output.unthrottle()
                 await kill_tree(spawned, grace)
             # the group is dead, so the pipes close; a process that left the group (setsid)
             # and keeps them open is not waited for beyond the grace (run() then closes the

@@ -116,6 +116,7 @@ from gurutunnel_protocol.messages import (
     ShellOpen,
     ShellResize,
     Terminal,
+    TerminalAck,
     TerminalCancel,
     TunnelClose,
     TunnelData,
@@ -170,10 +171,17 @@ CommandFrame: TypeAlias = (
     | FileDownload
 )
 DownFrame: TypeAlias = (
-    TunnelData | TerminalCancel | ShellResize | ChannelClose | FileChunk | FileAck | FileCancel
+    TunnelData
+    | TerminalCancel
+    | TerminalAck
+    | ShellResize
+    | ChannelClose
+    | FileChunk
+    | FileAck
+    | FileCancel
 )
-"""Frames published on ``session.<id>.down`` (``SESSION_DOWN_TYPES``): technician input and the
-data side of file transfers."""
+"""Frames published on ``session.<id>.down`` (``SESSION_DOWN_TYPES``): technician input, output
+acknowledgements and the data side of file transfers."""
 
 # JetStream API error code for "stream name already in use with a different configuration"
 _STREAM_EXISTS_DIFFERENT = 10058

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gurutunnel_protocol import DEFAULT_PREFIX
+from gurutunnel_protocol.messages import MAX_WINDOW_BYTES, MIN_WINDOW_BYTES
 
 DAY_S = 24 * 3600
 
@@ -121,6 +122,12 @@ class ApiSettings(BaseSettings):
     """After the session closed (or a client went away) the exit frame may take this long."""
     max_result_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     """Cap on the output (stdout + stderr) a full-result exec holds in memory; more is truncated."""
+    output_window_bytes: int = Field(default=256 * 1024, ge=MIN_WINDOW_BYTES, le=MAX_WINDOW_BYTES)
+    """Output flow control of every command and shell (``window_bytes``): the output an agent may
+    have sent and the API not yet handed to the technician (an exec's result is taken as it
+    arrives; a stream's and a WebSocket's output once written to the client). A slow reader
+    slows the command down instead of losing output; a larger window streams faster over a
+    link with a long round trip, at that much memory per channel."""
     session_sub_pending_msgs: int = Field(default=8192, ge=1)
     """Frames a session subscription may buffer; more are dropped by NATS (shown as a gap)."""
     session_sub_pending_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
@@ -129,9 +136,10 @@ class ApiSettings(BaseSettings):
     """Messages queued for one technician WebSocket; a reader slower than that is closed (1013)."""
     ws_send_queue_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     """Bytes queued for one technician WebSocket (the memory a stalled reader can hold here).
-    It only absorbs a reader's hiccups behind the kernel's socket buffers (several MB on a
-    local link): nothing slows the agent down, so a reader slower than the output overflows
-    any bound, only later. Each MiB here is a MiB of every stalled session's cost."""
+    Output is acknowledged only once written, so one channel queues at most about
+    ``output_window_bytes`` (x 4/3, base64); several channels of a reader who stops reading can
+    still overflow it, and the socket then closes with 1013. Each MiB here is a MiB of every
+    stalled session's cost."""
     ws_send_timeout_s: float = Field(default=10.0, gt=0)
     """Bound of one WebSocket send (and of the close handshake of a socket being dropped)."""
     ws_per_message_deflate: bool = False

@@ -27,7 +27,7 @@ from gurutunnel_api.db import make_engine
 from gurutunnel_api.errors import Conflict
 from gurutunnel_api.work import service
 from gurutunnel_api.work.schemas import ExecCreate, WsErrorOut
-from gurutunnel_api.work.service import ChannelTracker, SessionRef, WorkContext
+from gurutunnel_api.work.service import ChannelTracker, OutputAcks, SessionRef, WorkContext
 from gurutunnel_api.work.ws import _EARLY_FRAMES, CLOSE_TICKET_REFUSED, TechSocket, _Channel
 from gurutunnel_protocol import new_id
 from gurutunnel_protocol.messages import (
@@ -345,6 +345,7 @@ async def test_early_frame_overflow_keeps_the_exit_frame_and_shows_a_gap() -> No
         started_at=0.0,
         client_id="e1",
         tracker=ChannelTracker("c1"),
+        acks=OutputAcks(256 * 1024),
     )
     sock.channels["c1"] = channel
     sub = _ListSubscription(items)

@@ -18,7 +18,7 @@ from gurutunnel_api.work.schemas import (
     ws_client_message,
     ws_text,
 )
-from gurutunnel_api.work.service import ChannelTracker, Chunk, Gap
+from gurutunnel_api.work.service import ChannelTracker, Chunk, Gap, OutputAcks
 from gurutunnel_protocol.messages import ExitReason, OutputStream, TerminalChunk, TerminalExit
 
 
@@ -106,3 +106,31 @@ def test_ws_input_larger_than_64_kib_is_refused() -> None:
         ws_client_message.validate_json(f'{{"type":"input","channel_id":"c","data":"{big}"}}')
     ok = ws_client_message.validate_json('{"type":"input","channel_id":"c","data":"aGk="}')
     assert getattr(ok, "data", None) == b"hi"
+
+
+# ---------------------------------------------------------------- output acknowledgements
+def test_output_acks_come_every_quarter_window_of_consumed_output() -> None:
+    acks = OutputAcks(4096)  # a quarter: 1024 of chunk cost
+    assert acks.consumed(0, 500) is None  # 564
+    assert acks.consumed(1, 500) == 1  # 1128 >= 1024
+    assert acks.consumed(2, 900) is None  # 964
+    assert acks.consumed(3, 0) == 3  # 1028
+
+
+def test_output_acks_ack_at_once_after_a_gap() -> None:
+    """Frames lost on the way hold window on the agent: the next chunk acknowledges past them."""
+    acks = OutputAcks(1 << 20)
+    assert acks.consumed(0, 10) is None
+    acks.gap()
+    assert acks.consumed(5, 10) == 5
+    assert acks.consumed(6, 10) is None
+
+
+def test_output_acks_flush_resends_each_consumed_seq_once() -> None:
+    acks = OutputAcks(1 << 20)
+    assert acks.flush() is None  # nothing consumed yet
+    acks.consumed(0, 10)
+    assert acks.flush() == 0
+    assert acks.flush() is None  # a quiet channel sends nothing
+    acks.consumed(1, 10)
+    assert acks.flush() == 1

@@ -47,17 +47,22 @@ from .files import (
 )
 from .heartbeat import Heartbeat, HostMetrics
 from .terminal import (
+    CHUNK_COST_BYTES,
     MAX_INLINE_CHUNKS,
+    MAX_WINDOW_BYTES,
+    MIN_WINDOW_BYTES,
     ExitReason,
     OutputStream,
     ShellOpen,
     ShellResize,
     Terminal,
+    TerminalAck,
     TerminalCancel,
     TerminalChunk,
     TerminalExit,
     TerminalOutput,
     TerminalStarted,
+    chunk_cost,
 )
 from .tunnel import (
     ChannelClose,
@@ -81,6 +86,7 @@ AgentCommand = Annotated[
     | ChannelClose
     | Terminal
     | TerminalCancel
+    | TerminalAck
     | ShellOpen
     | ShellResize
     | FileUpload
@@ -102,6 +108,7 @@ ServerToAgent = Annotated[
     | ChannelClose
     | Terminal
     | TerminalCancel
+    | TerminalAck
     | ShellOpen
     | ShellResize
     | FileUpload
@@ -169,6 +176,7 @@ REQUEST_TYPES = (
 SESSION_DOWN_TYPES = (
     TunnelData,
     TerminalCancel,
+    TerminalAck,
     ShellResize,
     ChannelClose,
     FileChunk,
@@ -194,7 +202,10 @@ SESSION_UP_TYPES = (
 """Agent frames a gateway relays on ``session.<id>.up`` (the ``SessionFrame`` union)."""
 
 __all__ = [
+    "CHUNK_COST_BYTES",
     "MAX_INLINE_CHUNKS",
+    "MAX_WINDOW_BYTES",
+    "MIN_WINDOW_BYTES",
     "PROTOCOL_VERSION",
     "REPLIES_BY_REQUEST",
     "REPLY_TYPES",
@@ -243,6 +254,7 @@ __all__ = [
     "ShellOpen",
     "ShellResize",
     "Terminal",
+    "TerminalAck",
     "TerminalCancel",
     "TerminalChunk",
     "TerminalExit",
@@ -255,4 +267,5 @@ __all__ = [
     "TunnelOpen",
     "TunnelReady",
     "Welcome",
+    "chunk_cost",
 ]

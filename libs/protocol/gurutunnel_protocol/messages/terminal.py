@@ -14,6 +14,23 @@ Contract:
   answer (an agent waits a few milliseconds before answering, ``inline_result_window_s``, for
   exactly this). Opt-in, because a receiver that does not know these fields would ignore them
   and lose the output: an older agent ignores the flag and streams, which every receiver reads.
+- Output flow control, opt-in like ``inline_result`` (an older agent ignores the field and
+  streams unbounded): ``terminal.command`` or ``shell.open`` with ``window_bytes`` asks the
+  agent to keep at most that much of the channel's output unacknowledged. Each
+  ``terminal.chunk`` counts its data plus ``CHUNK_COST_BYTES`` (so small frames are bounded
+  too), inline chunks included. The receiver sends ``terminal.ack{seq}`` (server -> agent, no
+  answer) as it consumes output: every frame up to ``seq`` is consumed, or lost (a gap is
+  acknowledged by any later ``seq``, so a lost frame never shrinks the window for good); acks
+  are cumulative, so a lost ack is covered by the next. The agent keeps each chunk's cost
+  within a quarter of the window and the receiver acknowledges at least once per quarter of
+  the window consumed (and again now and then while output is unacknowledged), so an agent
+  waiting for the window always gets an ack once the frames in flight arrive. A chunk that
+  would exceed the window waits (the agent stops reading the process's output, which then
+  blocks on its next write); a chunk alone in flight never waits, nor does the exit frame.
+  Once the channel is stopped (cancel, timeout, session close), or its process ended and the
+  output did not drain within the agent's grace, the rest (what the pipes still hold) is sent
+  without waiting. An ack for a channel that is not running, or beyond what was sent, changes
+  nothing.
 - ``terminal.cancel`` (server -> agent, no answer) kills the command's whole process tree; its
   exit frame then says ``cancelled``. A timeout does the same with ``timeout``; closing the
   session ends every channel with ``session_closed``.
@@ -42,6 +59,15 @@ MAX_ARGV_ITEMS = 1024
 MAX_PATH_CHARS = 4096
 MAX_INLINE_CHUNKS = 64
 """Chunks a ``terminal.started`` answer may carry (an agent sends more as a stream)."""
+MIN_WINDOW_BYTES = 4096
+MAX_WINDOW_BYTES = 64 * 1024 * 1024
+CHUNK_COST_BYTES = 64
+"""What one ``terminal.chunk`` counts against an output window beyond its data."""
+
+
+def chunk_cost(data_bytes: int) -> int:
+    """The window one ``terminal.chunk`` with ``data_bytes`` of data takes (module contract)."""
+    return data_bytes + CHUNK_COST_BYTES
 
 
 class OutputStream(StrEnum):
@@ -75,6 +101,8 @@ class Terminal(Frame):
     max_output_bytes: int | None = Field(default=None, gt=0)
     inline_result: bool = False
     """The sender reads ``terminal.started.output``/``.exit`` (see the module contract)."""
+    window_bytes: int | None = Field(default=None, ge=MIN_WINDOW_BYTES, le=MAX_WINDOW_BYTES)
+    """Output flow control: the sender acknowledges output with ``terminal.ack``."""
 
     @model_validator(mode="after")
     def _one_of_command_or_argv(self) -> Self:
@@ -147,6 +175,15 @@ class TerminalCancel(Frame):
     channel_id: Id
 
 
+class TerminalAck(Frame):
+    """server -> agent: the channel's frames up to ``seq`` are consumed (output flow control)."""
+
+    type: Literal["terminal.ack"] = "terminal.ack"
+    session_id: Id
+    channel_id: Id
+    seq: int = Field(ge=0)
+
+
 class ShellOpen(Frame):
     """server -> agent: start an interactive PTY shell on channel ``channel_id``."""
 
@@ -156,6 +193,8 @@ class ShellOpen(Frame):
     channel_id: Id
     cols: int = Field(default=80, ge=1, le=1000)
     rows: int = Field(default=24, ge=1, le=1000)
+    window_bytes: int | None = Field(default=None, ge=MIN_WINDOW_BYTES, le=MAX_WINDOW_BYTES)
+    """Output flow control, as for ``terminal.command``."""
 
 
 class ShellResize(Frame):

@@ -41,6 +41,11 @@ Contract:
   and every end (exit, loss, abandonment, refusal) is one shielded background task.
 - ``collect`` assembles a full result holding at most ``max_result_bytes`` of output
   (``truncated`` when more came).
+- Output flow control: every command is sent with ``window_bytes = output_window_bytes`` and
+  its output acknowledged with ``terminal.ack`` as it is consumed (:class:`OutputAcks`): a
+  :class:`CommandRun` counts a chunk consumed once its reader asks for the next event (the full
+  result takes it at once; an NDJSON stream once the line was written), and re-acknowledges
+  every ``session_watch_interval_s`` while anything consumed is unacknowledged.
 """
 
 from __future__ import annotations
@@ -67,12 +72,14 @@ from gurutunnel_protocol.messages import (
     ExitReason,
     Frame,
     OutputStream,
+    TerminalAck,
     TerminalCancel,
     TerminalChunk,
     TerminalExit,
     TerminalStarted,
     TunnelClosed,
     TunnelError,
+    chunk_cost,
 )
 from gurutunnel_protocol.messages import Terminal as TerminalCommand
 
@@ -542,6 +549,47 @@ class ChannelTracker:
         return events
 
 
+class OutputAcks:
+    """The receiving end of one channel's output window (``terminal.ack``; the contract is in
+    ``gurutunnel_protocol.messages.terminal``). Call :meth:`consumed` for each chunk handed on,
+    in ``seq`` order: it returns the ``seq`` to acknowledge once a quarter of the window was
+    consumed since the last ack, or at once after :meth:`gap` (frames lost on the way hold
+    window on the agent that only an ack past them frees). :meth:`flush` is the periodic
+    re-ack: a lost ack must not leave the agent waiting."""
+
+    __slots__ = ("_after_gap", "_every", "_flushed", "_pending", "_seq")
+
+    def __init__(self, window_bytes: int) -> None:
+        self._every = max(window_bytes // 4, 1)
+        self._pending = 0
+        self._seq = -1
+        self._flushed = -1
+        self._after_gap = False
+
+    def consumed(self, seq: int, data_bytes: int) -> int | None:
+        self._seq = seq
+        self._pending += chunk_cost(data_bytes)
+        if self._pending >= self._every or self._after_gap:
+            return self._take()
+        return None
+
+    def gap(self) -> None:
+        self._after_gap = True
+
+    def flush(self) -> int | None:
+        """The last ``seq`` consumed, to acknowledge (again) if it is new since the last flush:
+        each is re-sent once, a quiet channel sends nothing."""
+        if self._seq <= self._flushed:
+            return None
+        self._flushed = self._seq
+        return self._take()
+
+    def _take(self) -> int:
+        self._pending = 0
+        self._after_gap = False
+        return self._seq
+
+
 # ---------------------------------------------------------------- cancellation-safe steps
 async def _guarded(
     ctx: WorkContext,
@@ -675,6 +723,7 @@ async def _send_command(
                 timeout_s=spec.timeout_s,
                 max_output_bytes=spec.max_output_bytes,
                 inline_result=True,
+                window_bytes=ctx.settings.output_window_bytes,
             ),
             ctx.settings.exec_start_timeout_s,
         )
@@ -765,6 +814,7 @@ class CommandRun:
         self.audit_id = audit_id
         self.sub = sub
         self.tracker = ChannelTracker(channel_id)
+        self.acks = OutputAcks(ctx.settings.output_window_bytes)
         self.deadline = started_at + timeout_s + ctx.settings.exec_grace_s
         self.started_at = started_at
         self.dropped = 0
@@ -799,8 +849,22 @@ class CommandRun:
         try:
             async for event in self._events():
                 yield event
+                # the reader asked for the next event: it consumed this one
+                if isinstance(event, Chunk):
+                    await self._ack(self.acks.consumed(event.seq, len(event.data)))
+                elif isinstance(event, Gap):
+                    self.acks.gap()
         finally:
             self.abandon()
+
+    async def _ack(self, seq: int | None) -> None:
+        if seq is None or self.finished:
+            return
+        with contextlib.suppress(BusError):
+            await self.ctx.bus.publish_session_down(
+                self.ref.session_id,
+                TerminalAck(session_id=self.ref.session_id, channel_id=self.channel_id, seq=seq),
+            )
 
     async def _events(self) -> AsyncIterator[Event]:
         s = self.ctx.settings
@@ -823,6 +887,7 @@ class CommandRun:
                 return
             if now >= next_watch:
                 next_watch = now + s.session_watch_interval_s
+                await self._ack(self.acks.flush())
                 if closed_deadline is None and not await self._session_active():
                     closed_deadline = now + s.exec_close_grace_s
                 continue

@@ -18,6 +18,11 @@ Contract (messages in :mod:`.schemas`):
   every chunk in ``seq`` order, gaps, and then 1013: never bytes lost silently. ``chunk``
   messages are built as text directly (:func:`chunk_text`, the model's exact text): they are
   the per-output-chunk cost of a stream.
+- Output flow control: commands and shells are started with ``window_bytes =
+  output_window_bytes``; a chunk counts as consumed once the writer has sent it to the
+  technician (:class:`.service.OutputAcks` says when to publish ``terminal.ack``), and every
+  watch tick re-acknowledges what was consumed since the last tick. A technician who reads
+  slowly thus slows the agent's output instead of filling this queue.
 - Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
   than ``ws_max_channels`` channels gets ``error{too_many_channels}`` (a slot is reserved by the
   reader before any await, so a burst cannot pass the limit).
@@ -58,6 +63,7 @@ from gurutunnel_protocol.messages import (
     OutputStream,
     ShellOpen,
     ShellResize,
+    TerminalAck,
     TerminalCancel,
     TerminalChunk,
     TerminalExit,
@@ -89,7 +95,7 @@ from .schemas import (
     ws_client_message,
     ws_text,
 )
-from .service import ChannelTracker, Chunk, Gap, SessionRef, WorkContext
+from .service import ChannelTracker, Chunk, Gap, OutputAcks, SessionRef, WorkContext
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +116,19 @@ class _Channel:
     started_at: float
     client_id: str | None
     tracker: ChannelTracker
+    acks: OutputAcks
     started: bool = False
     early: list[TerminalChunk | TerminalExit] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A queued ``chunk`` message: acknowledged to the agent once sent."""
+
+    text: str
+    channel_id: str
+    seq: int
+    data_bytes: int
 
 
 class _Close(Exception):
@@ -129,7 +146,9 @@ class TechSocket:
         self.ctx = ctx
         self.s = ctx.settings
         self.ref = ref
-        self.queue: asyncio.Queue[str | _Close] = asyncio.Queue(maxsize=self.s.ws_send_queue_max)
+        self.queue: asyncio.Queue[str | _Chunk | _Close] = asyncio.Queue(
+            maxsize=self.s.ws_send_queue_max
+        )
         self.channels: dict[str, _Channel] = {}
         self.closing = False
         self.overflowed = False
@@ -186,17 +205,18 @@ class TechSocket:
             return
         self._put(ws_text(message))
 
-    def _put(self, text: str) -> None:
-        """Queue one message's text (see ``send``)."""
+    def _put(self, item: str | _Chunk) -> None:
+        """Queue one message (its text, or a chunk with its text; see ``send``)."""
+        size = len(item) if isinstance(item, str) else len(item.text)
         # bounded in bytes too: a thousand 32 KiB output chunks would be ~45 MB per socket
         too_big = self._queued_chars and (
-            self._queued_chars + len(text) > self.s.ws_send_queue_max_bytes
+            self._queued_chars + size > self.s.ws_send_queue_max_bytes
         )
         try:
             if too_big:
                 raise asyncio.QueueFull
-            self.queue.put_nowait(text)
-            self._queued_chars += len(text)
+            self.queue.put_nowait(item)
+            self._queued_chars += size
         except asyncio.QueueFull:
             self._overflowed()
 
@@ -225,16 +245,21 @@ class TechSocket:
                     return  # run() closes with 1013 without waiting on the stuck transport
                 await self._close_now(item.code, item.reason)
                 return
-            self._queued_chars -= len(item)
+            text = item if isinstance(item, str) else item.text
+            self._queued_chars -= len(text)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for runs each send in a new task
                 async with asyncio.timeout(timeout_s):
-                    await send({"type": "websocket.send", "text": item})
+                    await send({"type": "websocket.send", "text": text})
             except TimeoutError:
                 self.overflowed = True  # the technician does not read: 1013
                 return
             except Exception:
                 return  # the socket is gone
+            if isinstance(item, _Chunk):
+                channel = self.channels.get(item.channel_id)
+                if channel is not None:
+                    await self._ack(channel, channel.acks.consumed(item.seq, item.data_bytes))
 
     # ------------------------------------------------------------ client -> server
     async def _reader(self) -> None:
@@ -339,6 +364,15 @@ class TechSocket:
         except BusError as exc:
             self.send(WsErrorOut(channel_id=channel_id, code=exc.code.value, message=str(exc)))
 
+    async def _ack(self, channel: _Channel, seq: int | None) -> None:
+        if seq is None:
+            return
+        with contextlib.suppress(BusError):  # acks are cumulative: the next one covers it
+            await self.ctx.bus.publish_session_down(
+                self.ref.session_id,
+                TerminalAck(session_id=self.ref.session_id, channel_id=channel.channel_id, seq=seq),
+            )
+
     async def _open(self, msg: WsExecIn | WsShellIn) -> None:
         """Audit, register the channel, send the request, announce ``started`` (or ``error``).
         The reader reserved a slot (``_reserved``); it is released when the channel is
@@ -374,6 +408,7 @@ class TechSocket:
                 started_at=now,
                 client_id=msg.id,
                 tracker=ChannelTracker(channel_id),
+                acks=OutputAcks(self.s.output_window_bytes),
             )
             # before the request: no early frame is lost; from here a socket that ends hands
             # the channel over (cancel on the agent, audit completed)
@@ -394,6 +429,7 @@ class TechSocket:
                 timeout_s=msg.timeout_s,
                 max_output_bytes=msg.max_output_bytes,
                 inline_result=True,
+                window_bytes=self.s.output_window_bytes,
             )
             if isinstance(msg, WsExecIn)
             else ShellOpen(
@@ -402,6 +438,7 @@ class TechSocket:
                 channel_id=channel_id,
                 cols=msg.cols,
                 rows=msg.rows,
+                window_bytes=self.s.output_window_bytes,
             )
         )
         pid: int | None = None
@@ -497,8 +534,16 @@ class TechSocket:
         for event in channel.tracker.accept(frame):
             if isinstance(event, Chunk):
                 if not self.overflowed:
-                    self._put(chunk_text(channel.channel_id, event.seq, event.stream, event.data))
+                    self._put(
+                        _Chunk(
+                            chunk_text(channel.channel_id, event.seq, event.stream, event.data),
+                            channel.channel_id,
+                            event.seq,
+                            len(event.data),
+                        )
+                    )
             elif isinstance(event, Gap):
+                channel.acks.gap()
                 self.send(
                     WsGapOut(
                         channel_id=channel.channel_id,
@@ -544,6 +589,8 @@ class TechSocket:
             for channel in list(self.channels.values()):
                 if channel.deadline is not None and now >= channel.deadline:
                     self._lose(channel, ErrorCode.AGENT_TIMEOUT, "no exit frame within timeout")
+                else:
+                    await self._ack(channel, channel.acks.flush())
             if self._close_deadline is None:
                 if not await self._may_act():
                     self._close_with(CLOSE_TICKET_REFUSED, NOT_ALLOWED)

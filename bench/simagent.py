@@ -144,7 +144,8 @@ def echo_answer_text(req_id: str, session_id: str, channel_id: str) -> str:
         + chunk_text(session_id, channel_id, 0, "b2sK")
         + f'],"exit":{{"v":1,"type":"terminal.exit","session_id":"{session_id}",'
         f'"channel_id":"{channel_id}","seq":1,"reason":"exited","exit_code":0,'
-        '"truncated":false,"duration_s":0.0,"stdout_bytes":3,"stderr_bytes":0,"error":null}}'
+        '"truncated":false,"duration_s":0.0,"stdout_bytes":3,"stderr_bytes":0,"error":null},'
+        '"window_bytes":null}'
     )
 
 
@@ -475,7 +476,10 @@ class AgentSocket:
             return
         await self.send(
             TerminalStarted(
-                req_id=frame.req_id, session_id=frame.session_id, channel_id=frame.channel_id
+                req_id=frame.req_id,
+                session_id=frame.session_id,
+                channel_id=frame.channel_id,
+                window_bytes=frame.window_bytes if words[1] == "stream" else None,
             )
         )
         if words[1] == "echo":  # a sender that reads no inline result: streamed, as before

@@ -744,6 +744,7 @@ class AgentClient:
                 pid=pid,
                 output=output,
                 exit=exit_frame,
+                window_bytes=frame.window_bytes,
             )
 
         await self._announce(conn, action, runtime, answer, what="command", pid=pid)
@@ -771,6 +772,7 @@ class AgentClient:
                 session_id=frame.session_id,
                 channel_id=frame.channel_id,
                 channel_type=ChannelType.SHELL,
+                window_bytes=frame.window_bytes,
             )
 
         await self._announce(conn, action, runtime, answer, what="shell", pid=pid)

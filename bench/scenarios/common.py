@@ -14,12 +14,16 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from gurutunnel_api.config import ApiSettings
 from gurutunnel_protocol import new_id
 from gurutunnel_protocol.envelope import decode_command_result, encode
 from gurutunnel_protocol.messages import CommandReply, Terminal, TerminalStarted
 
 from ..baseline import DATA, END
 from ..harness import Bench
+
+OUTPUT_WINDOW_BYTES: int = ApiSettings.model_fields["output_window_bytes"].default
+"""The ``window_bytes`` the API sends with every command (its default)."""
 
 Timed = Callable[[int], Awaitable[float]]
 """One measured call (its index): returns its latency in seconds."""
@@ -110,6 +114,7 @@ async def bus_command(
         command="bench echo",
         timeout_s=30,
         inline_result=True,
+        window_bytes=OUTPUT_WINDOW_BYTES,
     )
     payload = encode(frame)
     subject = bench.subjects.agent_commands(agent_id)
@@ -136,7 +141,8 @@ def echo_command_bytes(req_id: str, session_id: str, channel_id: str) -> bytes:
     return (
         f'{{"v":1,"type":"terminal.command","req_id":"{req_id}","session_id":"{session_id}",'
         f'"channel_id":"{channel_id}","command":"bench echo","argv":null,"cwd":null,'
-        '"timeout_s":30.0,"max_output_bytes":null,"inline_result":true}'
+        '"timeout_s":30.0,"max_output_bytes":null,"inline_result":true,'
+        f'"window_bytes":{OUTPUT_WINDOW_BYTES}}}'
     ).encode()
 
 

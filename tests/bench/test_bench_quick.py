@@ -114,5 +114,6 @@ def test_throughput_requests_are_what_the_codec_encodes() -> None:
         command="bench echo",
         timeout_s=30,
         inline_result=True,
+        window_bytes=256 * 1024,
     )
     assert echo_command_bytes("r1", "s1", "c1") == encode(frame)

@@ -132,7 +132,7 @@ class ApiSettings(BaseSettings):
     """Frames a session subscription may buffer; more are dropped by NATS (shown as a gap)."""
     session_sub_pending_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     ws_ticket_ttl_s: float = Field(default=30.0, gt=0)
-    ws_send_queue_max: int = Field(default=1024, ge=1)
+    ws_send_queue_max: int = Field(default=4096, ge=1)
     """Messages queued for one technician WebSocket; a reader slower than that is closed (1013)."""
     ws_send_queue_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     """Bytes queued for one technician WebSocket (the memory a stalled reader can hold here).

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     ChannelOpened,
     ExitReason,
     ShellOpen,
@@ -31,6 +32,7 @@ from tests.integration.agent.tunnel_harness import SESSION, Tunnel, wait_pids_go
 OpenTunnel = Callable[..., Awaitable[Tunnel]]
 
 WINDOW = 64 * 1024
+PIECE = WINDOW // 4 - CHUNK_COST_BYTES
 LINE = b"x" * 999 + b"\n"
 LINES = 2000
 # 2 MB in 1000-byte writes: 30x the window
@@ -46,6 +48,18 @@ def command(channel_id: str, *, window: int | None = WINDOW, **fields: object) -
         window_bytes=window,
         **fields,
     )
+
+
+async def _until_window_full(tunnel: Tunnel, channel_id: str) -> list[object]:
+    """Frames of ``channel_id`` until its chunks fill the window less one piece (bounded
+    generously: a loaded machine may take seconds to start the child), then until quiet."""
+    frames: list[object] = []
+    async with asyncio.timeout(30):
+        while _cost(frames) <= WINDOW - chunk_cost(PIECE):
+            frames.append(await tunnel.next_for(channel_id, timeout_s=30))
+            if isinstance(frames[-1], TerminalExit):
+                return frames
+    return frames + await _until_quiet(tunnel, channel_id)
 
 
 async def _until_quiet(tunnel: Tunnel, channel_id: str, quiet_s: float = 0.5) -> list[object]:
@@ -68,14 +82,14 @@ async def test_output_stops_at_the_window_until_acknowledged(open_tunnel: OpenTu
     acknowledging as it reads, the receiver gets all 2 MB in order and the exit."""
     tunnel = await open_tunnel()
     await tunnel.send(command("c1"))
-    first = await _until_quiet(tunnel, "c1")
+    first = await _until_window_full(tunnel, "c1")
     assert isinstance(first[0], TerminalStarted)
+    assert first[0].window_bytes == WINDOW  # the agent says it applies the window
     chunks = [f for f in first if isinstance(f, TerminalChunk)]
-    assert chunks, "no output at all"
     assert not any(isinstance(f, TerminalExit) for f in first), "the command ran unthrottled"
-    piece = WINDOW // 4 - 64
+    piece = PIECE
     assert all(len(c.data) <= piece for c in chunks)
-    assert WINDOW - piece <= _cost(chunks) <= WINDOW + 2 * chunk_cost(piece)
+    assert WINDOW - chunk_cost(piece) < _cost(chunks) <= WINDOW + 2 * chunk_cost(piece)
 
     # still stopped a while later: the process blocks on its pipe, nothing more leaves
     assert await _until_quiet(tunnel, "c1", quiet_s=0.5) == []
@@ -114,6 +128,7 @@ async def test_without_a_window_output_is_not_held_back(open_tunnel: OpenTunnel)
     tunnel = await open_tunnel()
     await tunnel.send(command("c1", window=None))
     result = await tunnel.collect("c1", timeout_s=30)
+    assert isinstance(result.answer, TerminalStarted) and result.answer.window_bytes is None
     assert result.exit is not None
     assert result.output() == LINE * LINES
     result.assert_contiguous()
@@ -124,7 +139,7 @@ async def test_a_cancel_ends_a_command_waiting_for_the_window(open_tunnel: OpenT
     is sent (numbered, nothing lost silently) and the process tree is gone."""
     tunnel = await open_tunnel()
     await tunnel.send(command("c1"))
-    first = await _until_quiet(tunnel, "c1")
+    first = await _until_window_full(tunnel, "c1")
     started = first[0]
     assert isinstance(started, TerminalStarted) and started.pid is not None
     await tunnel.send(TerminalCancel(session_id=SESSION, channel_id="c1"))
@@ -165,7 +180,8 @@ async def test_a_shell_stops_at_its_window_until_acknowledged(open_tunnel: OpenT
     await tunnel.send(
         ShellOpen(req_id="r-sh", session_id=SESSION, channel_id="sh", window_bytes=16 * 1024)
     )
-    assert isinstance(await tunnel.next_for("sh"), ChannelOpened)
+    opened = await tunnel.next_for("sh")
+    assert isinstance(opened, ChannelOpened) and opened.window_bytes == 16 * 1024
     # 'E' 'ND': the terminal's echo of the command line must not contain the marker
     script = f"{sys.executable} -c \"import sys; sys.stdout.write('y' * 400000 + 'E' 'ND')\"\n"
     await tunnel.send(TunnelData(session_id=SESSION, channel_id="sh", data=script.encode()))

@@ -28,7 +28,13 @@ from gurutunnel_api.errors import Conflict
 from gurutunnel_api.work import service
 from gurutunnel_api.work.schemas import ExecCreate, WsErrorOut
 from gurutunnel_api.work.service import ChannelTracker, OutputAcks, SessionRef, WorkContext
-from gurutunnel_api.work.ws import _EARLY_FRAMES, CLOSE_TICKET_REFUSED, TechSocket, _Channel
+from gurutunnel_api.work.ws import (
+    _EARLY_FRAMES,
+    CLOSE_TICKET_REFUSED,
+    TechSocket,
+    _Channel,
+    _Close,
+)
 from gurutunnel_protocol import new_id
 from gurutunnel_protocol.messages import (
     ExitReason,
@@ -363,8 +369,8 @@ async def test_early_frame_overflow_keeps_the_exit_frame_and_shows_a_gap() -> No
     sent = []
     while not sock.queue.empty():
         item = sock.queue.get_nowait()
-        assert isinstance(item, str)
-        sent.append(json.loads(item))
+        assert not isinstance(item, _Close)
+        sent.append(json.loads(item if isinstance(item, str) else item.text))
     assert sent[0]["type"] == "started" and sent[0]["id"] == "e1"
     assert [m["seq"] for m in sent[1:-2]] == list(range(_EARLY_FRAMES))
     assert sent[-2] == {

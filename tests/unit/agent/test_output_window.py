@@ -9,6 +9,7 @@ import pytest
 from gurutunnel_agent.channels.output import ChannelOutput
 from gurutunnel_agent.tunnel import OutputAcked, TunnelManager
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     AgentToServer,
     ExitReason,
     FileDownload,
@@ -22,7 +23,7 @@ from gurutunnel_protocol.messages import (
 )
 
 WINDOW = 4096
-PIECE = WINDOW // 4 - 64
+PIECE = WINDOW // 4 - CHUNK_COST_BYTES
 
 
 def _output(window: int | None = WINDOW, hold: int = 0) -> tuple[ChannelOutput, list[int]]:
@@ -44,7 +45,7 @@ async def _blocked(coro: asyncio.Future[None] | asyncio.Task[None]) -> bool:
 
 async def test_a_chunk_past_the_window_waits_for_an_ack() -> None:
     output, sent = _output()
-    for _ in range(4):  # 4 x (960 + 64) = the whole window
+    for _ in range(4):  # 4 x (768 + 256) = the whole window
         await output.chunk(OutputStream.STDOUT, b"x" * PIECE)
     assert output.unacked_bytes == 4 * chunk_cost(PIECE) == WINDOW
     fifth = asyncio.ensure_future(output.chunk(OutputStream.STDOUT, b"x"))
@@ -54,6 +55,19 @@ async def test_a_chunk_past_the_window_waits_for_an_ack() -> None:
     await asyncio.wait_for(fifth, 1)
     assert sent == [0, 1, 2, 3, 4]
     assert output.unacked_bytes == 3 * chunk_cost(PIECE) + chunk_cost(1)
+
+
+async def test_one_ack_wakes_both_readers_of_a_channel() -> None:
+    """stdout and stderr both wait for the window: one ack big enough lets both go."""
+    output, sent = _output()
+    for _ in range(4):
+        await output.chunk(OutputStream.STDOUT, b"x" * PIECE)
+    out = asyncio.ensure_future(output.chunk(OutputStream.STDOUT, b"o" * PIECE))
+    err = asyncio.ensure_future(output.chunk(OutputStream.STDERR, b"e" * PIECE))
+    assert await _blocked(out) and await _blocked(err)
+    output.ack(3)
+    await asyncio.wait_for(asyncio.gather(out, err), 1)
+    assert sent == [0, 1, 2, 3, 4, 5]
 
 
 async def test_an_ack_frees_every_frame_up_to_its_seq_and_no_more() -> None:
@@ -111,7 +125,7 @@ async def test_without_a_window_nothing_waits_or_is_counted() -> None:
 def test_pieces_cost_at_most_a_quarter_of_the_window() -> None:
     output, _ = _output(window=256 * 1024)
     assert output.piece_bytes(32768) == 32768
-    assert output.piece_bytes(512 * 1024) == 64 * 1024 - 64
+    assert output.piece_bytes(512 * 1024) == 64 * 1024 - CHUNK_COST_BYTES
     small, _ = _output(window=4096)
     assert chunk_cost(small.piece_bytes(32768)) == 1024
 

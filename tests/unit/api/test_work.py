@@ -109,28 +109,70 @@ def test_ws_input_larger_than_64_kib_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- output acknowledgements
+def _took(acks: OutputAcks, seq: int, size: int) -> int | None:
+    """A chunk arrived and was handed on; the ack to send, published."""
+    acks.arrived(seq)
+    ack = acks.consumed(seq, size)
+    if ack is not None:
+        acks.published(ack)
+    return ack
+
+
 def test_output_acks_come_every_quarter_window_of_consumed_output() -> None:
-    acks = OutputAcks(4096)  # a quarter: 1024 of chunk cost
-    assert acks.consumed(0, 500) is None  # 564
-    assert acks.consumed(1, 500) == 1  # 1128 >= 1024
-    assert acks.consumed(2, 900) is None  # 964
-    assert acks.consumed(3, 0) == 3  # 1028
+    acks = OutputAcks(8192)  # a quarter: 2048 of chunk cost (data + 256 per chunk)
+    assert _took(acks, 0, 744) is None  # 1000
+    assert _took(acks, 1, 800) == 1  # 2056 >= 2048
+    assert _took(acks, 2, 1700) is None  # 1956
+    assert _took(acks, 3, 0) == 3  # 2212
 
 
-def test_output_acks_ack_at_once_after_a_gap() -> None:
-    """Frames lost on the way hold window on the agent: the next chunk acknowledges past them."""
+def test_output_acks_ack_the_first_chunk_past_a_gap_at_once() -> None:
+    """Frames lost on the way hold window on the agent: an ack past them frees it. On a
+    WebSocket the gap is routed before the chunks queued ahead of it are written: only a chunk
+    past the gap triggers it."""
     acks = OutputAcks(1 << 20)
-    assert acks.consumed(0, 10) is None
-    acks.gap()
+    acks.arrived(0)
+    acks.gap(4)  # 1..4 lost
+    acks.arrived(5)
+    assert acks.consumed(0, 10) is None  # still before the gap
     assert acks.consumed(5, 10) == 5
-    assert acks.consumed(6, 10) is None
+    acks.published(5)
+    assert _took(acks, 6, 10) is None
 
 
-def test_output_acks_flush_resends_each_consumed_seq_once() -> None:
-    acks = OutputAcks(1 << 20)
-    assert acks.flush() is None  # nothing consumed yet
-    acks.consumed(0, 10)
-    assert acks.flush() == 0
-    assert acks.flush() is None  # a quiet channel sends nothing
-    acks.consumed(1, 10)
-    assert acks.flush() == 1
+def test_output_acks_tick_resends_an_ack_that_did_not_go_out() -> None:
+    acks = OutputAcks(8192)
+    acks.arrived(0)
+    assert acks.consumed(0, 3000) == 0  # its publish failed: published() not called
+    assert acks.tick() == 0
+    assert acks.tick() == 0  # again, until it goes out
+    acks.published(0)
+    acks.arrived(1)
+    assert acks.tick() is None  # sent, and a frame arrived this tick: nothing to do
+
+
+def test_output_acks_after_a_quiet_tick_ack_past_anything_the_agent_sent_once() -> None:
+    """Frames lost at the end of a burst: nothing more arrives, and everything that did was
+    consumed. The agent may have sent up to window / 256 + 2 frames past the last one: one ack
+    beyond them frees its window; the next quiet tick sends nothing more."""
+    acks = OutputAcks(8192)
+    assert _took(acks, 0, 100) is None
+    acks.published(0)  # say the last tick's ack went out
+    assert acks.tick() is None  # something arrived during this tick
+    span = 8192 // 256 + 2
+    assert acks.tick() == 0 + span
+    acks.published(0 + span)
+    assert acks.tick() is None
+    assert acks.tick() is None
+
+
+def test_output_acks_never_run_ahead_of_a_reader_who_has_not_taken_the_output() -> None:
+    """A quiet channel whose arrived output is still queued for the reader (a paused
+    technician) is not acknowledged past it: the agent waits for the reader."""
+    acks = OutputAcks(8192)
+    acks.arrived(0)
+    acks.arrived(1)
+    assert acks.consumed(0, 100) is None
+    assert acks.tick() == 0  # consumed, not yet acknowledged
+    acks.published(0)
+    assert acks.tick() is None  # 1 is still queued: no ack past it

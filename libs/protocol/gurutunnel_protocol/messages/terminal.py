@@ -14,9 +14,12 @@ Contract:
   answer (an agent waits a few milliseconds before answering, ``inline_result_window_s``, for
   exactly this). Opt-in, because a receiver that does not know these fields would ignore them
   and lose the output: an older agent ignores the flag and streams, which every receiver reads.
-- Output flow control, opt-in like ``inline_result`` (an older agent ignores the field and
-  streams unbounded): ``terminal.command`` or ``shell.open`` with ``window_bytes`` asks the
-  agent to keep at most that much of the channel's output unacknowledged. Each
+- Output flow control, opt-in like ``inline_result``: ``terminal.command`` or ``shell.open``
+  with ``window_bytes`` asks the agent to keep at most that much of the channel's output
+  unacknowledged, and an agent that does so echoes ``window_bytes`` in its answer
+  (``terminal.started`` or ``channel.opened``). A receiver acknowledges only an echoed window:
+  an older agent ignores the field, streams unbounded, and is sent no ``terminal.ack`` it would
+  not know. (Gateways are upgraded before the API: an older gateway refuses ``terminal.ack``.) Each
   ``terminal.chunk`` counts its data plus ``CHUNK_COST_BYTES`` (so small frames are bounded
   too), inline chunks included. The receiver sends ``terminal.ack{seq}`` (server -> agent, no
   answer) as it consumes output: every frame up to ``seq`` is consumed, or lost (a gap is
@@ -29,8 +32,8 @@ Contract:
   blocks on its next write); a chunk alone in flight never waits, nor does the exit frame.
   Once the channel is stopped (cancel, timeout, session close), or its process ended and the
   output did not drain within the agent's grace, the rest (what the pipes still hold) is sent
-  without waiting. An ack for a channel that is not running, or beyond what was sent, changes
-  nothing.
+  without waiting. An ack for a channel that is not running changes nothing; one beyond what
+  was sent frees everything sent and credits no later frame.
 - ``terminal.cancel`` (server -> agent, no answer) kills the command's whole process tree; its
   exit frame then says ``cancelled``. A timeout does the same with ``timeout``; closing the
   session ends every channel with ``session_closed``.
@@ -61,7 +64,7 @@ MAX_INLINE_CHUNKS = 64
 """Chunks a ``terminal.started`` answer may carry (an agent sends more as a stream)."""
 MIN_WINDOW_BYTES = 4096
 MAX_WINDOW_BYTES = 64 * 1024 * 1024
-CHUNK_COST_BYTES = 64
+CHUNK_COST_BYTES = 256
 """What one ``terminal.chunk`` counts against an output window beyond its data."""
 
 
@@ -152,6 +155,8 @@ class TerminalStarted(Frame):
     pid: int | None = None
     output: list[TerminalChunk] = Field(default_factory=list, max_length=MAX_INLINE_CHUNKS)
     exit: TerminalExit | None = None
+    window_bytes: int | None = Field(default=None, ge=MIN_WINDOW_BYTES, le=MAX_WINDOW_BYTES)
+    """The output window the agent applies (the request's): acknowledge output only when set."""
 
     def frames(self) -> list[TerminalChunk | TerminalExit]:
         """The channel's frames this answer carries, in ``seq`` order: its output, then its exit."""

@@ -15,6 +15,7 @@ from pydantic import Field
 from ..errors import ErrorCode
 from ..ids import Id
 from .base import Frame, WireBytes
+from .terminal import MAX_WINDOW_BYTES, MIN_WINDOW_BYTES
 
 
 class ChannelType(StrEnum):
@@ -102,6 +103,8 @@ class ChannelOpened(Frame):
     session_id: Id
     channel_id: Id
     channel_type: ChannelType
+    window_bytes: int | None = Field(default=None, ge=MIN_WINDOW_BYTES, le=MAX_WINDOW_BYTES)
+    """A shell's output window, echoed from ``shell.open`` (see ``terminal``'s flow control)."""
 
 
 class ChannelClose(Frame):

@@ -42,10 +42,11 @@ Contract:
 - ``collect`` assembles a full result holding at most ``max_result_bytes`` of output
   (``truncated`` when more came).
 - Output flow control: every command is sent with ``window_bytes = output_window_bytes`` and
-  its output acknowledged with ``terminal.ack`` as it is consumed (:class:`OutputAcks`): a
-  :class:`CommandRun` counts a chunk consumed once its reader asks for the next event (the full
-  result takes it at once; an NDJSON stream once the line was written), and re-acknowledges
-  every ``session_watch_interval_s`` while anything consumed is unacknowledged.
+  its output acknowledged with ``terminal.ack`` as it is consumed (:class:`OutputAcks`), when
+  the agent's answer echoed the window: a :class:`CommandRun` counts a chunk consumed once its
+  reader asks for the next event (the full result takes it at once; an NDJSON stream once the
+  line was written), and on every ``session_watch_interval_s`` tick acknowledges again what
+  did not go out, or past everything after a quiet tick (:meth:`OutputAcks.tick`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from sqlmodel import col
 
 from gurutunnel_protocol import ErrorCode, new_id
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     ExitReason,
     Frame,
     OutputStream,
@@ -551,43 +553,76 @@ class ChannelTracker:
 
 class OutputAcks:
     """The receiving end of one channel's output window (``terminal.ack``; the contract is in
-    ``gurutunnel_protocol.messages.terminal``). Call :meth:`consumed` for each chunk handed on,
-    in ``seq`` order: it returns the ``seq`` to acknowledge once a quarter of the window was
-    consumed since the last ack, or at once after :meth:`gap` (frames lost on the way hold
-    window on the agent that only an ack past them frees). :meth:`flush` is the periodic
-    re-ack: a lost ack must not leave the agent waiting."""
+    ``gurutunnel_protocol.messages.terminal``), for a channel whose agent echoed the window.
 
-    __slots__ = ("_after_gap", "_every", "_flushed", "_pending", "_seq")
+    - :meth:`arrived` for each chunk as it comes off the bus, :meth:`gap` for a jump in ``seq``,
+      :meth:`consumed` once the chunk was handed on: it returns the ``seq`` to acknowledge once
+      a quarter of the window was consumed since the last ack, and at once for the first chunk
+      past a gap (lost frames hold window on the agent that only an ack past them frees).
+    - :meth:`tick` on every watch tick returns what to acknowledge: the last consumed ``seq``
+      while its ack has not gone out (:meth:`published` was not called for it); and, once per
+      pause, when nothing arrived for a whole tick and everything arrived was consumed, a
+      ``seq`` past anything the agent can have sent. Frames or acks lost at the end of a burst
+      would otherwise leave the agent waiting for good; this frees only window the reader
+      already took (plus at most a window's worth still in flight).
+    - :meth:`published` after an ack went out (a refused publish is tried again next tick).
+    """
+
+    __slots__ = (
+        "_arrived",
+        "_consumed",
+        "_every",
+        "_gap_end",
+        "_pending",
+        "_published",
+        "_quiet",
+        "_resynced",
+        "_span",
+    )
 
     def __init__(self, window_bytes: int) -> None:
         self._every = max(window_bytes // 4, 1)
+        self._span = window_bytes // CHUNK_COST_BYTES + 2
+        """Frames an agent may have sent beyond its last ack (one over per reader)."""
         self._pending = 0
-        self._seq = -1
-        self._flushed = -1
-        self._after_gap = False
+        self._consumed = -1
+        self._arrived = -1
+        self._gap_end = -1
+        self._published = -1
+        self._quiet = True
+        self._resynced = -2
+
+    def arrived(self, seq: int) -> None:
+        self._arrived = max(self._arrived, seq)
+        self._quiet = False
+
+    def gap(self, to_seq: int) -> None:
+        self._gap_end = max(self._gap_end, to_seq)
+        self._quiet = False
 
     def consumed(self, seq: int, data_bytes: int) -> int | None:
-        self._seq = seq
+        self._consumed = seq
         self._pending += chunk_cost(data_bytes)
-        if self._pending >= self._every or self._after_gap:
-            return self._take()
+        past_gap = self._published < self._gap_end < seq
+        if self._pending >= self._every or past_gap:
+            self._pending = 0
+            return seq
         return None
 
-    def gap(self) -> None:
-        self._after_gap = True
+    def published(self, seq: int) -> None:
+        if seq > self._consumed:
+            self._resynced = self._consumed
+        else:
+            self._published = max(self._published, seq)
 
-    def flush(self) -> int | None:
-        """The last ``seq`` consumed, to acknowledge (again) if it is new since the last flush:
-        each is re-sent once, a quiet channel sends nothing."""
-        if self._seq <= self._flushed:
-            return None
-        self._flushed = self._seq
-        return self._take()
-
-    def _take(self) -> int:
-        self._pending = 0
-        self._after_gap = False
-        return self._seq
+    def tick(self) -> int | None:
+        quiet, self._quiet = self._quiet, True
+        if self._consumed > self._published:
+            self._pending = 0
+            return self._consumed
+        if quiet and self._consumed >= self._arrived and self._resynced != self._consumed:
+            return self._consumed + self._span
+        return None
 
 
 # ---------------------------------------------------------------- cancellation-safe steps
@@ -760,6 +795,7 @@ async def _send_command(
         timeout_s=spec.timeout_s,
         started_at=started_at,
         first_frames=answer.frames(),
+        window_bytes=answer.window_bytes,
     )
     return run, StartedCommand(channel_id=channel_id, pid=answer.pid)
 
@@ -805,6 +841,7 @@ class CommandRun:
         timeout_s: float,
         started_at: float,
         first_frames: list[TerminalChunk | TerminalExit] | None = None,
+        window_bytes: int | None = None,
     ) -> None:
         self.ctx = ctx
         self._first_frames = first_frames or []
@@ -814,7 +851,8 @@ class CommandRun:
         self.audit_id = audit_id
         self.sub = sub
         self.tracker = ChannelTracker(channel_id)
-        self.acks = OutputAcks(ctx.settings.output_window_bytes)
+        self.acks = OutputAcks(window_bytes) if window_bytes is not None else None
+        """Output flow control, when the agent echoed the window (see the module contract)."""
         self.deadline = started_at + timeout_s + ctx.settings.exec_grace_s
         self.started_at = started_at
         self.dropped = 0
@@ -848,23 +886,32 @@ class CommandRun:
             return
         try:
             async for event in self._events():
-                yield event
-                # the reader asked for the next event: it consumed this one
-                if isinstance(event, Chunk):
-                    await self._ack(self.acks.consumed(event.seq, len(event.data)))
-                elif isinstance(event, Gap):
-                    self.acks.gap()
+                acks = self.acks
+                if acks is None:
+                    yield event
+                elif isinstance(event, Chunk):
+                    acks.arrived(event.seq)
+                    yield event
+                    # the reader asked for the next event: it consumed this one
+                    await self._ack(acks.consumed(event.seq, len(event.data)))
+                else:
+                    if isinstance(event, Gap):
+                        acks.gap(event.to_seq)
+                    yield event
         finally:
             self.abandon()
 
     async def _ack(self, seq: int | None) -> None:
-        if seq is None or self.finished:
+        if seq is None or self.acks is None or self.finished:
             return
-        with contextlib.suppress(BusError):
+        try:
             await self.ctx.bus.publish_session_down(
                 self.ref.session_id,
                 TerminalAck(session_id=self.ref.session_id, channel_id=self.channel_id, seq=seq),
             )
+        except BusError:
+            return  # the next tick tries again
+        self.acks.published(seq)
 
     async def _events(self) -> AsyncIterator[Event]:
         s = self.ctx.settings
@@ -887,7 +934,8 @@ class CommandRun:
                 return
             if now >= next_watch:
                 next_watch = now + s.session_watch_interval_s
-                await self._ack(self.acks.flush())
+                if self.acks is not None:
+                    await self._ack(self.acks.tick())
                 if closed_deadline is None and not await self._session_active():
                     closed_deadline = now + s.exec_close_grace_s
                 continue

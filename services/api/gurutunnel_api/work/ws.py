@@ -19,9 +19,9 @@ Contract (messages in :mod:`.schemas`):
   messages are built as text directly (:func:`chunk_text`, the model's exact text): they are
   the per-output-chunk cost of a stream.
 - Output flow control: commands and shells are started with ``window_bytes =
-  output_window_bytes``; a chunk counts as consumed once the writer has sent it to the
-  technician (:class:`.service.OutputAcks` says when to publish ``terminal.ack``), and every
-  watch tick re-acknowledges what was consumed since the last tick. A technician who reads
+  output_window_bytes``; when the agent's answer echoes it, a chunk counts as consumed once the
+  writer has sent it to the technician (:class:`.service.OutputAcks` says when to publish
+  ``terminal.ack``, and what each watch tick acknowledges again). A technician who reads
   slowly thus slows the agent's output instead of filling this queue.
 - Bad client messages get ``error{code: validation_error}`` and the loop goes on. Running more
   than ``ws_max_channels`` channels gets ``error{too_many_channels}`` (a slot is reserved by the
@@ -116,8 +116,9 @@ class _Channel:
     started_at: float
     client_id: str | None
     tracker: ChannelTracker
-    acks: OutputAcks
     started: bool = False
+    acks: OutputAcks | None = None
+    """Output flow control, once the agent's answer echoed the window."""
     early: list[TerminalChunk | TerminalExit] = field(default_factory=list)
 
 
@@ -258,7 +259,7 @@ class TechSocket:
                 return  # the socket is gone
             if isinstance(item, _Chunk):
                 channel = self.channels.get(item.channel_id)
-                if channel is not None:
+                if channel is not None and channel.acks is not None:
                     await self._ack(channel, channel.acks.consumed(item.seq, item.data_bytes))
 
     # ------------------------------------------------------------ client -> server
@@ -365,13 +366,16 @@ class TechSocket:
             self.send(WsErrorOut(channel_id=channel_id, code=exc.code.value, message=str(exc)))
 
     async def _ack(self, channel: _Channel, seq: int | None) -> None:
-        if seq is None:
+        if seq is None or channel.acks is None:
             return
-        with contextlib.suppress(BusError):  # acks are cumulative: the next one covers it
+        try:
             await self.ctx.bus.publish_session_down(
                 self.ref.session_id,
                 TerminalAck(session_id=self.ref.session_id, channel_id=channel.channel_id, seq=seq),
             )
+        except BusError:
+            return  # the next watch tick tries again
+        channel.acks.published(seq)
 
     async def _open(self, msg: WsExecIn | WsShellIn) -> None:
         """Audit, register the channel, send the request, announce ``started`` (or ``error``).
@@ -408,7 +412,6 @@ class TechSocket:
                 started_at=now,
                 client_id=msg.id,
                 tracker=ChannelTracker(channel_id),
-                acks=OutputAcks(self.s.output_window_bytes),
             )
             # before the request: no early frame is lost; from here a socket that ends hands
             # the channel over (cancel on the agent, audit completed)
@@ -442,6 +445,7 @@ class TechSocket:
             )
         )
         pid: int | None = None
+        window: int | None = None
         first: list[TerminalChunk | TerminalExit] = []
         try:
             try:
@@ -454,8 +458,10 @@ class TechSocket:
             if isinstance(answer, TunnelError):
                 raise work_refusal(answer.code, answer.error[:512])
             if isinstance(answer, TerminalStarted) and answer.channel_id == channel_id:
-                pid, first = answer.pid, answer.frames()
-            elif not (isinstance(answer, ChannelOpened) and answer.channel_id == channel_id):
+                pid, first, window = answer.pid, answer.frames(), answer.window_bytes
+            elif isinstance(answer, ChannelOpened) and answer.channel_id == channel_id:
+                window = answer.window_bytes
+            else:
                 raise AgentFailed(f"unexpected answer from the agent ({answer.type})")
         except ApiError as exc:
             self.channels.pop(channel_id, None)
@@ -467,14 +473,20 @@ class TechSocket:
                 name=f"audit-{channel_id}",
             )
             return
-        self._started(channel, pid, first)
+        self._started(channel, pid, first, window)
 
     def _started(
-        self, channel: _Channel, pid: int | None, first: list[TerminalChunk | TerminalExit]
+        self,
+        channel: _Channel,
+        pid: int | None,
+        first: list[TerminalChunk | TerminalExit],
+        window: int | None = None,
     ) -> None:
         """Announce ``started``, then the frames the answer carried (``first``), then those
-        held until now (in arrival order)."""
+        held until now (in arrival order). ``window``: the output window the agent echoed."""
         channel.started = True
+        if window is not None:
+            channel.acks = OutputAcks(window)
         self.send(
             WsStartedOut(
                 id=channel.client_id, channel_id=channel.channel_id, kind=channel.kind, pid=pid
@@ -533,6 +545,8 @@ class TechSocket:
     def _route(self, channel: _Channel, frame: TerminalChunk | TerminalExit) -> None:
         for event in channel.tracker.accept(frame):
             if isinstance(event, Chunk):
+                if channel.acks is not None:
+                    channel.acks.arrived(event.seq)
                 if not self.overflowed:
                     self._put(
                         _Chunk(
@@ -543,7 +557,8 @@ class TechSocket:
                         )
                     )
             elif isinstance(event, Gap):
-                channel.acks.gap()
+                if channel.acks is not None:
+                    channel.acks.gap(event.to_seq)
                 self.send(
                     WsGapOut(
                         channel_id=channel.channel_id,
@@ -589,8 +604,8 @@ class TechSocket:
             for channel in list(self.channels.values()):
                 if channel.deadline is not None and now >= channel.deadline:
                     self._lose(channel, ErrorCode.AGENT_TIMEOUT, "no exit frame within timeout")
-                else:
-                    await self._ack(channel, channel.acks.flush())
+                elif channel.acks is not None:
+                    await self._ack(channel, channel.acks.tick())
             if self._close_deadline is None:
                 if not await self._may_act():
                     self._close_with(CLOSE_TICKET_REFUSED, NOT_ALLOWED)

@@ -18,8 +18,8 @@ Contract:
   ``Subjects.revocation_bucket`` (created when missing).
 - Every ``BusError`` carries ``.code`` (an ``ErrorCode``): the one key of the failure table in
   :mod:`.errors`.
-- ``subscribe_session(session_id)`` subscribes to ``session.<id>.up`` (awaited, flushed: call
-  it BEFORE sending the request whose output it must see) and returns a
+- ``subscribe_session(session_id)`` subscribes to ``session.<id>.up`` (call it BEFORE sending
+  the request whose output it must see: the SUB then precedes the request on the connection) and returns a
   :class:`SessionSubscription`: an async iterator of ``SessionUp`` frames and
   :class:`FramesDropped` markers, closed with ``close()`` (or ``async with``). It is bounded by
   ``session_sub_pending_msgs`` / ``session_sub_pending_bytes``: when the reader falls behind,
@@ -540,13 +540,16 @@ class NatsBus:
             raise BusUnavailable("NATS is not connected")
         s = self._settings
         try:
+            # No flush (a round trip per command): the SUB is queued on this connection before
+            # the request that feeds it, and a NATS server handles one connection's protocol
+            # in order, so the interest exists before the request reaches anyone. In a cluster
+            # the interest travels to each route ahead of the request on that same route.
+            # (nats-py's own subscribe-then-publish request relies on exactly this.)
             sub = await nc.subscribe(
                 subject,
                 pending_msgs_limit=s.session_sub_pending_msgs,
                 pending_bytes_limit=s.session_sub_pending_bytes,
             )
-            # the server knows the interest once flushed: only then may the request go out
-            await nc.flush(timeout=max(1, int(s.request_timeout_s)))
         except (TimeoutError, nats.errors.Error) as exc:
             raise BusUnavailable(f"cannot subscribe: {type(exc).__name__}") from None
         sid: int = sub._id  # nats-py names a subscription by its sid in SlowConsumerError

@@ -18,8 +18,9 @@ Contract:
   ``Subjects.revocation_bucket`` (created when missing).
 - Every ``BusError`` carries ``.code`` (an ``ErrorCode``): the one key of the failure table in
   :mod:`.errors`.
-- ``subscribe_session(session_id)`` subscribes to ``session.<id>.up`` (call it BEFORE sending
-  the request whose output it must see: the SUB then precedes the request on the connection) and returns a
+- ``subscribe_session(session_id)`` subscribes to ``session.<id>.up`` (call it BEFORE
+  sending the request whose output it must see: the SUB then precedes the request on the
+  connection) and returns a
   :class:`SessionSubscription`: an async iterator of ``SessionUp`` frames and
   :class:`FramesDropped` markers, closed with ``close()`` (or ``async with``). It is bounded by
   ``session_sub_pending_msgs`` / ``session_sub_pending_bytes``: when the reader falls behind,

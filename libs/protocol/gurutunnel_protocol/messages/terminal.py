@@ -24,10 +24,11 @@ Contract:
   too), inline chunks included. The receiver sends ``terminal.ack{seq}`` (server -> agent, no
   answer) as it consumes output: every frame up to ``seq`` is consumed, or lost (a gap is
   acknowledged by any later ``seq``, so a lost frame never shrinks the window for good); acks
-  are cumulative, so a lost ack is covered by the next. The agent keeps each chunk's cost
-  within a quarter of the window and the receiver acknowledges at least once per quarter of
-  the window consumed (and again now and then while output is unacknowledged), so an agent
-  waiting for the window always gets an ack once the frames in flight arrive. A chunk that
+  are cumulative. The agent keeps each chunk's cost within a quarter of the window and the
+  receiver acknowledges at least once per quarter of the window consumed, so an agent waiting
+  for the window always gets an ack once the frames in flight arrive; and while output has
+  stopped with everything consumed, the receiver acknowledges now and then past anything the
+  agent can have sent, so frames or acks lost on the way never stop a channel for good. A chunk that
   would exceed the window waits (the agent stops reading the process's output, which then
   blocks on its next write); a chunk alone in flight never waits, nor does the exit frame.
   Once the channel is stopped (cancel, timeout, session close), or its process ended and the

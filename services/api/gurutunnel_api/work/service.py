@@ -560,11 +560,12 @@ class OutputAcks:
       a quarter of the window was consumed since the last ack, and at once for the first chunk
       past a gap (lost frames hold window on the agent that only an ack past them frees).
     - :meth:`tick` on every watch tick returns what to acknowledge: the last consumed ``seq``
-      while its ack has not gone out (:meth:`published` was not called for it); and, once per
-      pause, when nothing arrived for a whole tick and everything arrived was consumed, a
-      ``seq`` past anything the agent can have sent. Frames or acks lost at the end of a burst
-      would otherwise leave the agent waiting for good; this frees only window the reader
-      already took (plus at most a window's worth still in flight).
+      while its ack has not gone out (:meth:`published` was not called for it); and, while
+      nothing arrives and everything that did was consumed, a ``seq`` past anything the agent
+      can have sent, after 1, 2, 4, 8, 16 and then every 32 quiet ticks. Frames or acks lost at
+      the end of a burst (a NATS reconnect) would otherwise leave the agent waiting for good;
+      this frees only window the reader already took, plus at most a window's worth still in
+      flight (an ack frees frames already sent, never later ones).
     - :meth:`published` after an ack went out (a refused publish is tried again next tick).
     """
 
@@ -575,9 +576,9 @@ class OutputAcks:
         "_gap_end",
         "_pending",
         "_published",
-        "_quiet",
-        "_resynced",
+        "_quiet_ticks",
         "_span",
+        "_stirred",
     )
 
     def __init__(self, window_bytes: int) -> None:
@@ -589,16 +590,18 @@ class OutputAcks:
         self._arrived = -1
         self._gap_end = -1
         self._published = -1
-        self._quiet = True
-        self._resynced = -2
+        self._quiet_ticks = 0
+        self._stirred = True
+        """Something arrived since the last tick (a new channel counts: its first tick only
+        starts the count, its first window may still be on the way)."""
 
     def arrived(self, seq: int) -> None:
         self._arrived = max(self._arrived, seq)
-        self._quiet = False
+        self._stirred = True
 
     def gap(self, to_seq: int) -> None:
         self._gap_end = max(self._gap_end, to_seq)
-        self._quiet = False
+        self._stirred = True
 
     def consumed(self, seq: int, data_bytes: int) -> int | None:
         self._consumed = seq
@@ -610,17 +613,22 @@ class OutputAcks:
         return None
 
     def published(self, seq: int) -> None:
-        if seq > self._consumed:
-            self._resynced = self._consumed
-        else:
+        if seq <= self._consumed:
             self._published = max(self._published, seq)
 
     def tick(self) -> int | None:
-        quiet, self._quiet = self._quiet, True
+        if self._stirred:
+            self._stirred = False
+            self._quiet_ticks = 0
+        else:
+            self._quiet_ticks += 1
         if self._consumed > self._published:
             self._pending = 0
             return self._consumed
-        if quiet and self._consumed >= self._arrived and self._resynced != self._consumed:
+        q = self._quiet_ticks
+        # 1, 2, 4, 8, 16, 32, then every 32nd: an idle shell costs an ack per half minute
+        due = q % 32 == 0 if q > 32 else q > 0 and q & (q - 1) == 0
+        if due and self._consumed >= self._arrived:
             return self._consumed + self._span
         return None
 

@@ -5,8 +5,8 @@ Contract (messages in :mod:`.schemas`):
   each ``terminal.chunk``/``terminal.exit`` to its channel by ``channel_id`` (a jump in ``seq``
   is a ``gap`` message; frames of channels this socket did not start are ignored). Frames that
   arrive before the agent's answer to the request are held (at most ``_EARLY_FRAMES`` chunks
-  per channel; later chunks are dropped and show as a gap; the exit frame is always kept) and
-  sent after ``started``.
+  per channel, or what one output window holds if more; later chunks are dropped and show as
+  a gap; the exit frame is always kept) and sent after ``started``.
 - Outgoing messages go through ONE bounded queue (``ws_send_queue_max`` messages and
   ``ws_send_queue_max_bytes``, whichever comes first; one message larger than the byte bound
   still passes alone) drained by one writer task, each send bounded by ``ws_send_timeout_s``.
@@ -58,6 +58,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gurutunnel_protocol import ErrorCode, new_id
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     ChannelClose,
     ChannelOpened,
     OutputStream,
@@ -163,6 +164,9 @@ class TechSocket:
         self._reserved = 0
         """Channels accepted by the reader whose ``_open`` has not registered them yet."""
         self._close_requested = False
+        self._early_max = max(_EARLY_FRAMES, self.s.output_window_bytes // CHUNK_COST_BYTES + 2)
+        """Chunks held per channel before its answer: at least a window's worth (the agent
+        cannot send more before an ack, and none comes before the answer)."""
         self._overflow = asyncio.Event()
         """Set when the queue overflowed: ``run`` ends the socket at once (see ``send``)."""
 
@@ -537,7 +541,7 @@ class TechSocket:
             if not channel.started:
                 # an exit frame is always kept; chunks beyond the bound are dropped and show as
                 # a gap (their seq is missing)
-                if isinstance(frame, TerminalExit) or len(channel.early) < _EARLY_FRAMES:
+                if isinstance(frame, TerminalExit) or len(channel.early) < self._early_max:
                     channel.early.append(frame)
                 continue
             self._route(channel, frame)

@@ -37,6 +37,7 @@ from gurutunnel_api.work.ws import (
 )
 from gurutunnel_protocol import new_id
 from gurutunnel_protocol.messages import (
+    CHUNK_COST_BYTES,
     ExitReason,
     SessionFrame,
     SessionUp,
@@ -318,9 +319,25 @@ class _ListSubscription:
         self.items.clear()
 
 
+def test_early_frames_held_are_at_least_what_one_output_window_holds() -> None:
+    """An agent cannot send more than a window before its answer: all of it is held."""
+    for window, held in ((65536, _EARLY_FRAMES), (1 << 20, (1 << 20) // CHUNK_COST_BYTES + 2)):
+        settings = ApiSettings(jwt_secret=JWT_SECRET, output_window_bytes=window)
+        ctx = WorkContext(
+            settings=settings,
+            bus=cast(Bus, None),
+            sessionmaker=cast(async_sessionmaker[AsyncSession], None),
+        )
+        sock = TechSocket(cast(WebSocket, None), ctx, SessionRef("s1", "a1", "t1"))
+        assert sock._early_max == held
+
+
 async def test_early_frame_overflow_keeps_the_exit_frame_and_shows_a_gap() -> None:
-    """Beyond _EARLY_FRAMES held chunks, later chunks become a gap but the exit is delivered."""
-    settings = ApiSettings(jwt_secret=JWT_SECRET, ws_send_queue_max=4 * _EARLY_FRAMES)
+    """Beyond _EARLY_FRAMES held chunks, later chunks become a gap but the exit is delivered.
+    (The bound is at least what one output window holds: a window this small holds fewer.)"""
+    settings = ApiSettings(
+        jwt_secret=JWT_SECRET, ws_send_queue_max=4 * _EARLY_FRAMES, output_window_bytes=65536
+    )
     ctx = WorkContext(
         settings=settings,
         bus=cast(Bus, None),

@@ -236,6 +236,33 @@ async def test_a_reader_who_pauses_loses_nothing_and_is_not_dropped(
         await ws.close()
 
 
+async def test_an_ndjson_reader_who_pauses_loses_nothing(
+    client: httpx.AsyncClient, session: str
+) -> None:
+    """The same 30 MB as NDJSON, the client reading nothing for 2 s first: about 40 MB of
+    base64, more than the API's session subscription buffers (32 MiB). The API acknowledges
+    a chunk only once its line was written, so the agent waits: every chunk, in order, no
+    gap, the same SHA-256."""
+    expected = hashlib.sha256(b"".join(b"%09d\n" % i for i in range(1, 3000001))).hexdigest()
+    digest, seqs = hashlib.sha256(), []
+    async with client.stream(
+        "POST",
+        f"/tunnel/{session}/exec",
+        json={"argv": THIRTY_MB_COMMAND},
+        params={"stream": "true"},
+    ) as stream:
+        await asyncio.sleep(2.0)
+        async for line in stream.aiter_lines():
+            event = json.loads(line)
+            assert event["event"] not in ("gap", "error"), event
+            if event["event"] == "chunk":
+                seqs.append(event["seq"])
+                digest.update(base64.b64decode(event["data"]))
+            elif event["event"] == "exit":
+                assert event["exit_code"] == 0 and event["stdout_bytes"] == 30_000_000
+    assert seqs == list(range(len(seqs))) and digest.hexdigest() == expected
+
+
 async def test_timeout_kills_the_whole_process_tree(
     client: httpx.AsyncClient, session: str
 ) -> None:

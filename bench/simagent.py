@@ -35,7 +35,6 @@ import random
 import resource
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,12 +44,12 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gurutunnel_agent.channels.output import OutputWindow
 from gurutunnel_agent.client import Backoff
 from gurutunnel_gateway.collector import stop_automatic_full_collections
 from gurutunnel_protocol import ErrorCode, ProtocolError
 from gurutunnel_protocol.envelope import decode_server_to_agent, encode_text
 from gurutunnel_protocol.messages import (
-    CHUNK_COST_BYTES,
     ChannelClose,
     ChannelClosed,
     ChannelOpen,
@@ -233,30 +232,6 @@ class _Download:
     task: asyncio.Task[None] | None = None
 
 
-@dataclass
-class _Window:
-    """A stream's output window (``window_bytes``): (seq, cost) sent and not acknowledged."""
-
-    size: int
-    unacked: deque[tuple[int, int]] = field(default_factory=deque)
-    cost: int = 0
-    moved: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def ack(self, seq: int) -> None:
-        while self.unacked and self.unacked[0][0] <= seq:
-            self.cost -= self.unacked.popleft()[1]
-        self.moved.set()
-
-    async def room_for(self, cost: int) -> None:
-        while self.unacked and self.cost + cost > self.size:
-            self.moved.clear()
-            await self.moved.wait()
-
-    def sent(self, seq: int, cost: int) -> None:
-        self.unacked.append((seq, cost))
-        self.cost += cost
-
-
 class AgentSocket:
     """One connected agent: answers the gateway's frames (see the module contract)."""
 
@@ -268,7 +243,7 @@ class AgentSocket:
         self.channels: dict[str, asyncio.Task[None]] = {}
         self.uploads: dict[str, _Upload] = {}
         self.downloads: dict[str, _Download] = {}
-        self.windows: dict[str, _Window] = {}
+        self.windows: dict[str, OutputWindow] = {}
         self.reconnect_delay_s: float | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -487,11 +462,9 @@ class AgentSocket:
             await self.send(self._exit(frame, 1, ExitReason.EXITED, 0.0, 3))
             return
         total, chunk = int(words[2]), int(words[3])
-        window = None
-        if frame.window_bytes is not None:
-            # a chunk costs at most a quarter of the window (the protocol's rule)
-            chunk = max(1, min(chunk, frame.window_bytes // 4 - CHUNK_COST_BYTES))
-            window = self.windows[frame.channel_id] = _Window(frame.window_bytes)
+        # without window_bytes the window counts nothing and never waits
+        window = self.windows[frame.channel_id] = OutputWindow(frame.window_bytes)
+        chunk = window.piece_bytes(chunk)
         task = asyncio.create_task(self._stream(frame, total, chunk, window))
         self.channels[frame.channel_id] = task
 
@@ -516,9 +489,7 @@ class AgentSocket:
             stderr_bytes=0,
         )
 
-    async def _stream(
-        self, frame: Terminal, total: int, chunk: int, window: _Window | None
-    ) -> None:
+    async def _stream(self, frame: Terminal, total: int, chunk: int, window: OutputWindow) -> None:
         started = time.monotonic()
         sent, seq = 0, 0
         reason = ExitReason.EXITED
@@ -533,9 +504,8 @@ class AgentSocket:
                     data = payloads[seq % 8]
                 else:
                     data = base64.b64encode(pattern_bytes(0, size)).decode("ascii")
-                if window is not None:
-                    await window.room_for(chunk_cost(size))
-                    window.sent(seq, chunk_cost(size))
+                await window.room_for(chunk_cost(size))
+                window.sent(seq, chunk_cost(size))
                 await self.ws.send(chunk_text(frame.session_id, frame.channel_id, seq, data))
                 sent += size
                 seq += 1

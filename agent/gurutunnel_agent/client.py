@@ -68,7 +68,7 @@ Contract:
   ``channel.close`` and ``tunnel.close`` cancel the runtime (``file.failed{session_closed}``);
   on socket loss every file runtime is cancelled (``connection lost``) and its task awaited
   (bounded like the other channels), nothing more is sent.
-- ``terminal.ack`` goes to the command's or shell's output window (``ChannelOutput.ack``, never
+- ``terminal.ack`` goes to the command's or shell's output window (``OutputWindow.ack``, never
   blocking the reader).
 - Shell input (``tunnel.data``) is only queued by the reader (``ShellChannel.feed``); each shell
   writes its own queue, so a shell that stops reading cannot stall the reader, the other
@@ -655,7 +655,7 @@ class AgentClient:
                 if running is not None and isinstance(
                     running.runtime, CommandChannel | ShellChannel
                 ):
-                    running.runtime.output.ack(action.seq)
+                    running.runtime.output.window.ack(action.seq)
             case StopChannel():
                 running = conn.channels.get(action.channel_id)
                 if running is not None and running.session_id == action.session_id:

@@ -302,6 +302,10 @@ def check_command(frame: Terminal, *, windows: bool = sys.platform == "win32") -
             raise CwdNotAllowed("the working directory must be an absolute path")
 
 
+_PROCESS_CHANNELS = frozenset({ChannelType.TERMINAL, ChannelType.SHELL})
+"""Channels that run a process with numbered output (cancel, output acks)."""
+
+
 class TunnelManager:
     """Mode, session and channels of one agent (the seed's Rust ``TunnelManager``)."""
 
@@ -549,16 +553,14 @@ class TunnelManager:
     def _output_ack(self, frame: TerminalAck) -> list[AgentToServer | Action]:
         """An ack of a running command's or shell's output; dropped otherwise (acks of a channel
         that just ended are expected, never an error)."""
-        if frame.session_id != self._session_id or self._channels.get(frame.channel_id) not in (
-            ChannelType.TERMINAL,
-            ChannelType.SHELL,
-        ):
+        running = self._channels.get(frame.channel_id) in _PROCESS_CHANNELS
+        if frame.session_id != self._session_id or not running:
             return []
         return [OutputAcked(frame.session_id, frame.channel_id, frame.seq)]
 
     def _require_running(self, session_id: str, channel_id: str, what: str) -> None:
         self._require_channel(session_id, channel_id)
-        if self._channels[channel_id] not in (ChannelType.TERMINAL, ChannelType.SHELL):
+        if self._channels[channel_id] not in _PROCESS_CHANNELS:
             raise NotImplementedYet(f"{what} is not supported on a {self._channels[channel_id]}")
 
     def _require_shell(self, session_id: str, channel_id: str, what: str) -> None:

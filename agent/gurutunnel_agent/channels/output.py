@@ -18,12 +18,12 @@ Contract:
 - :meth:`exit` sends the ``terminal.exit`` frame; it may be called once, after which the output is
   closed.
 - With ``window_bytes`` (output flow control, ``gurutunnel_protocol.messages.terminal``), a chunk
-  waits before it takes its ``seq`` while the chunks sent or held and not yet acknowledged
-  (:meth:`ack`), counted with :func:`chunk_cost`, would pass the window with it; a chunk alone
-  in flight never waits, the exit frame never does, and after :meth:`unthrottle` (the channel is
-  stopping) nothing waits any more. Readers size their pieces with :meth:`piece_bytes`. Two
-  readers of one channel (stdout, stderr) may each pass the check before either takes its
-  ``seq``: the window can be passed by one chunk per reader.
+  waits before it takes its ``seq`` while the chunks sent or held and not yet acknowledged,
+  counted with :func:`chunk_cost`, would pass the window with it (:class:`OutputWindow`, the
+  output's ``window``: ``ack``, ``unthrottle`` once the channel is stopping, ``piece_bytes`` to
+  size reads); a chunk alone in flight never waits, the exit frame never does. Two readers of
+  one channel (stdout, stderr) may each pass the check before either takes its ``seq``: the
+  window can be passed by one chunk per reader.
 """
 
 from __future__ import annotations
@@ -53,6 +53,57 @@ Emit = Callable[[AgentToServer], Awaitable[None]]
 _MAX_ERROR_CHARS = 1024
 
 
+class OutputWindow:
+    """One channel's output window (``window_bytes``, the protocol's flow control): the chunks
+    sent and not acknowledged, and the wait for room. Without a size nothing is counted and
+    nothing waits. Also the simulated agents' (``bench.simagent``)."""
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self._unacked: deque[tuple[int, int]] = deque()
+        """(seq, cost) of the chunks sent and not acknowledged, in ``seq`` order."""
+        self.unacked_cost = 0
+        self._moved = asyncio.Event()
+        """Set by every :meth:`ack` and by :meth:`unthrottle`: waiting chunks check again."""
+        self._unthrottled = False
+
+    def piece_bytes(self, chunk_bytes: int) -> int:
+        """How much to read for one chunk: ``chunk_bytes``, but with a window at most what
+        costs a quarter of it (the protocol's rule that keeps acknowledgements coming)."""
+        if self.size is None:
+            return chunk_bytes
+        return max(1, min(chunk_bytes, self.size // 4 - CHUNK_COST_BYTES))
+
+    def sent(self, seq: int, cost: int) -> None:
+        """Chunk ``seq`` left (or is held for the answer) and takes ``cost`` of the window."""
+        if self.size is not None:
+            self._unacked.append((seq, cost))
+            self.unacked_cost += cost
+
+    def ack(self, seq: int) -> None:
+        """The receiver consumed (or lost) every frame up to ``seq``: their window is free."""
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            self.unacked_cost -= unacked.popleft()[1]
+        self._moved.set()
+
+    def unthrottle(self) -> None:
+        """The channel is stopping: from now on no chunk waits for the window."""
+        self._unthrottled = True
+        self._moved.set()
+
+    async def room_for(self, cost: int) -> None:
+        """Wait until a chunk of ``cost`` fits (or is alone in flight, or the window is lifted)."""
+        while (
+            self.size is not None
+            and not self._unthrottled
+            and self._unacked
+            and self.unacked_cost + cost > self.size
+        ):
+            self._moved.clear()
+            await self._moved.wait()
+
+
 class ChannelOutput:
     """Numbered, ordered, back-pressured output of one channel."""
 
@@ -80,13 +131,7 @@ class ChannelOutput:
         self._held_size = 0
         self._settled = asyncio.Event()
         """Holding cannot go on: the exit frame is held, or a frame did not fit."""
-        self._window = window_bytes
-        self._unacked: deque[tuple[int, int]] = deque()
-        """(seq, cost) of the chunks sent or held and not acknowledged, in ``seq`` order."""
-        self._unacked_cost = 0
-        self._credit = asyncio.Event()
-        """Set by every :meth:`ack` and by :meth:`unthrottle`: waiting chunks check again."""
-        self._unthrottled = False
+        self.window = OutputWindow(window_bytes)
 
     @property
     def holding(self) -> bool:
@@ -143,43 +188,9 @@ class ChannelOutput:
         exits = [f for f in held if isinstance(f, TerminalExit)]  # at most one, the last
         return chunks, exits[0] if exits else None
 
-    def piece_bytes(self, chunk_bytes: int) -> int:
-        """How much to read for one chunk: ``chunk_bytes``, but with a window at most what
-        costs a quarter of it (the protocol's rule that keeps acknowledgements coming)."""
-        if self._window is None:
-            return chunk_bytes
-        return max(1, min(chunk_bytes, self._window // 4 - CHUNK_COST_BYTES))
-
-    @property
-    def unacked_bytes(self) -> int:
-        """The window taken by chunks not acknowledged yet (0 without flow control)."""
-        return self._unacked_cost
-
-    def ack(self, seq: int) -> None:
-        """The receiver consumed (or lost) every frame up to ``seq``: their window is free."""
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= seq:
-            self._unacked_cost -= unacked.popleft()[1]
-        self._credit.set()
-
-    def unthrottle(self) -> None:
-        """The channel is stopping: from now on no chunk waits for the window."""
-        self._unthrottled = True
-        self._credit.set()
-
-    async def _window_for(self, cost: int) -> None:
-        while (
-            self._window is not None
-            and not self._unthrottled
-            and self._unacked
-            and self._unacked_cost + cost > self._window
-        ):
-            self._credit.clear()
-            await self._credit.wait()
-
     async def chunk(self, stream: OutputStream, data: bytes) -> None:
         cost = chunk_cost(len(data))
-        await self._window_for(cost)
+        await self.window.room_for(cost)
         await self._send(
             lambda seq: TerminalChunk(
                 session_id=self.session_id,
@@ -234,7 +245,8 @@ class ChannelOutput:
         async with self._lock:
             seq = self._seq
             self._seq += 1
-            self._in_flight(seq, cost)
+            if cost:
+                self.window.sent(seq, cost)
             if self._broken:
                 return
             try:
@@ -246,11 +258,6 @@ class ChannelOutput:
                     "channel output undeliverable; dropping the rest",
                     extra={"channel_id": self.channel_id, "error": type(exc).__name__},
                 )
-
-    def _in_flight(self, seq: int, cost: int) -> None:
-        if cost and self._window is not None:
-            self._unacked.append((seq, cost))
-            self._unacked_cost += cost
 
     def _hold(self, frame: AgentToServer, cost: int) -> bool:
         """Keep ``frame`` for the answer if it fits; else stop holding (it waits for ``open``)."""
@@ -264,7 +271,8 @@ class ChannelOutput:
             self._settled.set()
             return False
         # no await since the check in _send: no other frame can take this seq meanwhile
-        self._in_flight(self._seq, cost)
+        if cost:
+            self.window.sent(self._seq, cost)
         self._seq += 1
         self._held.append(frame)
         self._held_size += size

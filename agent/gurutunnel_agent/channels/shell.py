@@ -191,7 +191,7 @@ class ShellChannel:
         if self._stop_reason is None:
             self._stop_reason = reason
         self.output.open()
-        self.output.unthrottle()  # what the PTY still holds leaves without waiting for acks
+        self.output.window.unthrottle()  # what the PTY still holds leaves without waiting for acks
         self._stop.set()
 
     @property
@@ -290,7 +290,7 @@ class ShellChannel:
     async def _pump(self, master: int) -> None:
         while True:
             try:
-                data = os.read(master, self.output.piece_bytes(self.chunk_bytes))
+                data = os.read(master, self.output.window.piece_bytes(self.chunk_bytes))
             except BlockingIOError:
                 await self._ready(master)
                 continue
@@ -317,7 +317,7 @@ class ShellChannel:
                 if not pump.done():
                     # background jobs keep the terminal open, or the reader acknowledges too
                     # slowly: end the group, send what the PTY holds without waiting
-                    self.output.unthrottle()
+                    self.output.window.unthrottle()
                     await kill_tree(spawned, grace, first=signal.SIGHUP)
             else:
                 killed_for = self._stop_reason

@@ -315,7 +315,7 @@ class CommandChannel:
         if self._stop_reason is None:
             self._stop_reason = reason
         self.output.open_for_stop()  # a stop before the start was answered still ends it
-        self.output.unthrottle()  # what the pipes still hold leaves without waiting for acks
+        self.output.window.unthrottle()  # what the pipes still hold leaves without waiting for acks
         self._stop.set()
 
     def kill_now(self) -> None:
@@ -388,7 +388,7 @@ class CommandChannel:
 
     async def _pump(self, reader: asyncio.StreamReader, stream: OutputStream) -> None:
         while True:
-            data = await reader.read(self.output.piece_bytes(self.limits.chunk_bytes))
+            data = await reader.read(self.output.window.piece_bytes(self.limits.chunk_bytes))
             if not data:
                 return
             part = self.budget.take(stream, data)
@@ -428,11 +428,11 @@ class CommandChannel:
                 if not drained.done():
                     # a leftover child still holds the pipes, or the reader acknowledges too
                     # slowly: end the group, send what the pipes hold without waiting
-                    self.output.unthrottle()
+                    self.output.window.unthrottle()
                     await kill_tree(spawned, grace)
             else:
                 killed_for = self._stop_reason if stopping.done() else ExitReason.TIMEOUT
-                self.output.unthrottle()
+                self.output.window.unthrottle()
                 await kill_tree(spawned, grace)
             # the group is dead, so the pipes close; a process that left the group (setsid)
             # and keeps them open is not waited for beyond the grace (run() then closes the

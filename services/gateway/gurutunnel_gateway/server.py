@@ -436,11 +436,13 @@ class Gateway:
         self, connection: ServerConnection, _request: Request, response: Response
     ) -> None:
         """websockets may still refuse an upgrade after ``process_request`` (a bad
-        ``Sec-WebSocket-Key`` or version: 400; the server closing: 503), and it sends nothing to
-        a client that went away meanwhile (one that gave up while waiting for a slot: the
-        connection is no longer ``CONNECTING``); the handler then never runs, so give the slot
-        back here rather than after ``open_timeout_s`` (in a storm, agents that time out in line
-        would otherwise hold every slot that long, and admissions would stop)."""
+        ``Sec-WebSocket-Key`` or version: 400), and it sends nothing to a client that went away
+        meanwhile (one that gave up while waiting for a slot: the connection is no longer
+        ``CONNECTING``); the handler then never runs, so give the slot back here rather than
+        after ``open_timeout_s`` (in a storm, agents that time out in line would otherwise hold
+        every slot that long, and admissions would stop). The 503 websockets sends while the
+        server closes is decided after this hook: that slot is never given back, which no
+        longer matters in a server that stops."""
         if (
             response.status_code != HTTPStatus.SWITCHING_PROTOCOLS
             or connection.state is not State.CONNECTING

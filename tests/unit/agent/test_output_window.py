@@ -47,14 +47,14 @@ async def test_a_chunk_past_the_window_waits_for_an_ack() -> None:
     output, sent = _output()
     for _ in range(4):  # 4 x (768 + 256) = the whole window
         await output.chunk(OutputStream.STDOUT, b"x" * PIECE)
-    assert output.unacked_bytes == 4 * chunk_cost(PIECE) == WINDOW
+    assert output.window.unacked_cost == 4 * chunk_cost(PIECE) == WINDOW
     fifth = asyncio.ensure_future(output.chunk(OutputStream.STDOUT, b"x"))
     assert await _blocked(fifth)
     assert sent == [0, 1, 2, 3]
-    output.ack(0)  # one chunk's worth freed: the fifth fits
+    output.window.ack(0)  # one chunk's worth freed: the fifth fits
     await asyncio.wait_for(fifth, 1)
     assert sent == [0, 1, 2, 3, 4]
-    assert output.unacked_bytes == 3 * chunk_cost(PIECE) + chunk_cost(1)
+    assert output.window.unacked_cost == 3 * chunk_cost(PIECE) + chunk_cost(1)
 
 
 async def test_one_ack_wakes_both_readers_of_a_channel() -> None:
@@ -65,7 +65,7 @@ async def test_one_ack_wakes_both_readers_of_a_channel() -> None:
     out = asyncio.ensure_future(output.chunk(OutputStream.STDOUT, b"o" * PIECE))
     err = asyncio.ensure_future(output.chunk(OutputStream.STDERR, b"e" * PIECE))
     assert await _blocked(out) and await _blocked(err)
-    output.ack(3)
+    output.window.ack(3)
     await asyncio.wait_for(asyncio.gather(out, err), 1)
     assert sent == [0, 1, 2, 3, 4, 5]
 
@@ -74,12 +74,12 @@ async def test_an_ack_frees_every_frame_up_to_its_seq_and_no_more() -> None:
     output, _ = _output()
     for _ in range(3):
         await output.chunk(OutputStream.STDOUT, b"x" * 100)
-    output.ack(1)
-    assert output.unacked_bytes == chunk_cost(100)
-    output.ack(0)  # an older ack changes nothing
-    assert output.unacked_bytes == chunk_cost(100)
-    output.ack(99)  # beyond what was sent: everything, nothing more
-    assert output.unacked_bytes == 0
+    output.window.ack(1)
+    assert output.window.unacked_cost == chunk_cost(100)
+    output.window.ack(0)  # an older ack changes nothing
+    assert output.window.unacked_cost == chunk_cost(100)
+    output.window.ack(99)  # beyond what was sent: everything, nothing more
+    assert output.window.unacked_cost == 0
 
 
 async def test_the_exit_frame_and_a_lone_chunk_never_wait() -> None:
@@ -96,7 +96,7 @@ async def test_unthrottle_releases_a_waiting_chunk_and_every_later_one() -> None
         await output.chunk(OutputStream.STDOUT, b"x" * PIECE)
     waiting = asyncio.ensure_future(output.chunk(OutputStream.STDERR, b"y" * PIECE))
     assert await _blocked(waiting)
-    output.unthrottle()
+    output.window.unthrottle()
     await asyncio.wait_for(waiting, 1)
     await asyncio.wait_for(output.chunk(OutputStream.STDOUT, b"z" * PIECE), 1)
     assert sent == [0, 1, 2, 3, 4, 5]
@@ -107,10 +107,10 @@ async def test_held_chunks_take_window_too() -> None:
     output, _ = _output(hold=2 * WINDOW)
     for _ in range(4):
         await output.chunk(OutputStream.STDOUT, b"x" * PIECE)
-    assert output.unacked_bytes == WINDOW
+    assert output.window.unacked_cost == WINDOW
     waiting = asyncio.ensure_future(output.chunk(OutputStream.STDOUT, b"x"))
     assert await _blocked(waiting)
-    output.ack(3)
+    output.window.ack(3)
     await asyncio.wait_for(waiting, 1)
 
 
@@ -118,16 +118,16 @@ async def test_without_a_window_nothing_waits_or_is_counted() -> None:
     output, sent = _output(window=None)
     for _ in range(20):
         await output.chunk(OutputStream.STDOUT, b"x" * WINDOW)
-    assert len(sent) == 20 and output.unacked_bytes == 0
-    assert output.piece_bytes(32768) == 32768
+    assert len(sent) == 20 and output.window.unacked_cost == 0
+    assert output.window.piece_bytes(32768) == 32768
 
 
 def test_pieces_cost_at_most_a_quarter_of_the_window() -> None:
     output, _ = _output(window=256 * 1024)
-    assert output.piece_bytes(32768) == 32768
-    assert output.piece_bytes(512 * 1024) == 64 * 1024 - CHUNK_COST_BYTES
+    assert output.window.piece_bytes(32768) == 32768
+    assert output.window.piece_bytes(512 * 1024) == 64 * 1024 - CHUNK_COST_BYTES
     small, _ = _output(window=4096)
-    assert chunk_cost(small.piece_bytes(32768)) == 1024
+    assert chunk_cost(small.window.piece_bytes(32768)) == 1024
 
 
 @pytest.fixture

@@ -603,6 +603,13 @@ class OutputAcks:
         self._gap_end = max(self._gap_end, to_seq)
         self._stirred = True
 
+    def saw(self, event: Event) -> None:
+        """:meth:`arrived` or :meth:`gap` for a :class:`ChannelTracker` event (else nothing)."""
+        if isinstance(event, Chunk):
+            self.arrived(event.seq)
+        elif isinstance(event, Gap):
+            self.gap(event.to_seq)
+
     def consumed(self, seq: int, data_bytes: int) -> int | None:
         self._consumed = seq
         self._pending += chunk_cost(data_bytes)
@@ -631,6 +638,26 @@ class OutputAcks:
         if due and self._consumed >= self._arrived:
             return self._consumed + self._span
         return None
+
+
+async def send_output_ack(
+    bus: Bus,
+    session_id: str,
+    channel_id: str,
+    acks: OutputAcks,
+    seq: int | None,
+) -> None:
+    """Publish ``terminal.ack{seq}`` (nothing when ``seq`` is None: no ack is due) and record
+    it in ``acks``; a refused publish is left for the next tick to try again."""
+    if seq is None:
+        return
+    try:
+        await bus.publish_session_down(
+            session_id, TerminalAck(session_id=session_id, channel_id=channel_id, seq=seq)
+        )
+    except BusError:
+        return
+    acks.published(seq)
 
 
 # ---------------------------------------------------------------- cancellation-safe steps
@@ -895,31 +922,20 @@ class CommandRun:
         try:
             async for event in self._events():
                 acks = self.acks
-                if acks is None:
-                    yield event
-                elif isinstance(event, Chunk):
-                    acks.arrived(event.seq)
-                    yield event
+                if acks is not None:
+                    acks.saw(event)
+                yield event
+                if acks is not None and isinstance(event, Chunk):
                     # the reader asked for the next event: it consumed this one
                     await self._ack(acks.consumed(event.seq, len(event.data)))
-                else:
-                    if isinstance(event, Gap):
-                        acks.gap(event.to_seq)
-                    yield event
         finally:
             self.abandon()
 
     async def _ack(self, seq: int | None) -> None:
-        if seq is None or self.acks is None or self.finished:
-            return
-        try:
-            await self.ctx.bus.publish_session_down(
-                self.ref.session_id,
-                TerminalAck(session_id=self.ref.session_id, channel_id=self.channel_id, seq=seq),
+        if self.acks is not None and not self.finished:
+            await send_output_ack(
+                self.ctx.bus, self.ref.session_id, self.channel_id, self.acks, seq
             )
-        except BusError:
-            return  # the next tick tries again
-        self.acks.published(seq)
 
     async def _events(self) -> AsyncIterator[Event]:
         s = self.ctx.settings

@@ -64,7 +64,6 @@ from gurutunnel_protocol.messages import (
     OutputStream,
     ShellOpen,
     ShellResize,
-    TerminalAck,
     TerminalCancel,
     TerminalChunk,
     TerminalExit,
@@ -370,16 +369,10 @@ class TechSocket:
             self.send(WsErrorOut(channel_id=channel_id, code=exc.code.value, message=str(exc)))
 
     async def _ack(self, channel: _Channel, seq: int | None) -> None:
-        if seq is None or channel.acks is None:
-            return
-        try:
-            await self.ctx.bus.publish_session_down(
-                self.ref.session_id,
-                TerminalAck(session_id=self.ref.session_id, channel_id=channel.channel_id, seq=seq),
+        if channel.acks is not None:
+            await service.send_output_ack(
+                self.ctx.bus, self.ref.session_id, channel.channel_id, channel.acks, seq
             )
-        except BusError:
-            return  # the next watch tick tries again
-        channel.acks.published(seq)
 
     async def _open(self, msg: WsExecIn | WsShellIn) -> None:
         """Audit, register the channel, send the request, announce ``started`` (or ``error``).
@@ -548,9 +541,9 @@ class TechSocket:
 
     def _route(self, channel: _Channel, frame: TerminalChunk | TerminalExit) -> None:
         for event in channel.tracker.accept(frame):
+            if channel.acks is not None:
+                channel.acks.saw(event)
             if isinstance(event, Chunk):
-                if channel.acks is not None:
-                    channel.acks.arrived(event.seq)
                 if not self.overflowed:
                     self._put(
                         _Chunk(
@@ -561,8 +554,6 @@ class TechSocket:
                         )
                     )
             elif isinstance(event, Gap):
-                if channel.acks is not None:
-                    channel.acks.gap(event.to_seq)
                 self.send(
                     WsGapOut(
                         channel_id=channel.channel_id,

@@ -5,11 +5,11 @@ Contract: every method returns the API's decoded JSON or raises a ``CliError``:
 non-2xx answer, ``NetworkError`` (naming the URL) when the API cannot be reached or a transfer
 breaks. The transport is injectable (``httpx.MockTransport`` in unit tests).
 
-File transfer (``/tmp/files_api.md``): ``put_file`` streams an async iterable as the request
-body with an explicit ``Content-Length`` (never chunked, never held whole); a 409 carrying
-``X-Upload-Offset`` raises ``UploadOffsetConflict``. ``download`` yields the streamed response
-of ``GET .../files`` (200 or 206); a 416 raises ``RangeNotSatisfiable`` with its headers.
-Streaming calls bound each read and write (``timeout_s``), not the whole transfer.
+File transfer (the README's "Inside a session"): ``put_file`` streams an async iterable as the
+request body with an explicit ``Content-Length`` (never chunked, never held whole); a 409 carrying
+``X-Upload-Offset`` raises ``UploadOffsetConflict``. ``download`` yields the streamed response of
+``GET .../files`` (200 or 206); a 416 raises ``RangeNotSatisfiable`` with its headers. Streaming
+calls bound each read and write (``timeout_s``), not the whole transfer.
 """
 
 from __future__ import annotations

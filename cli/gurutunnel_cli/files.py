@@ -1,6 +1,6 @@
 """``gurutunnel put`` and ``gurutunnel get``: resumable, SHA-256-verified file transfer.
 
-Contract (``/tmp/files_api.md``):
+Contract (the README's "Inside a session", "Files"):
 - ``put``: hashes the local file first (streamed, ``CHUNK_BYTES`` reads), asks
   ``upload-offset``, then PUTs only the remainder from that offset with
   ``Content-Range: bytes <start>-<size-1>/<size>`` (the whole file, without Content-Range, when

@@ -1,9 +1,9 @@
 """The technician API's exec stream and WebSocket messages, as the CLI reads and writes them.
 
-Contract (``/tmp/exec_api.md``, "One-shot command" and "Live WebSocket"): NDJSON stream lines are
-tagged by ``event``, WebSocket messages by ``type``; both carry output as standard base64
-(``WireBytes`` from the protocol package). Unknown fields are ignored so a newer API may add
-some; a line or message of an unknown kind decodes to ``None`` and is skipped by the callers.
+Contract (the README's "Inside a session": "One-shot command", "NDJSON", "WebSocket"): NDJSON stream
+lines are tagged by ``event``, WebSocket messages by ``type``; both carry output as standard base64
+(``WireBytes`` from the protocol package). Unknown fields are ignored so a newer API may add some; a
+line or message of an unknown kind decodes to ``None`` and is skipped by the callers.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``/api/v1/tunnel/{session_id}/files``: upload (resume probe, PUT) and download (GET, Range).
 
-The contract is /tmp/files_api.md and the README's "Inside a session". Checks run in this
+The contract is the README's "Inside a session" and its REST API table. Checks run in this
 order, before anything reaches the agent: the technician's permission (403 ``forbidden``
 without ``can_upload`` / ``can_download``), the path (422 ``path_not_allowed``), the upload's
 headers (411 / 422 ``validation_error``), the session (404, 403, 409 as for commands).

@@ -1,4 +1,5 @@
-"""HTTP schemas of file transfer inside a session (the contract of /tmp/files_api.md)."""
+"""HTTP schemas of file transfer inside a session (contract: the README's
+"Inside a session")."""
 
 from __future__ import annotations
 

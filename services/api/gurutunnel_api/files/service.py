@@ -1,7 +1,7 @@
 """File transfer inside a session: path and header checks, upload, download, audit.
 
-Contract (the HTTP side is /tmp/files_api.md, the wire side ``gurutunnel_protocol.messages.files``
-and ``gurutunnel_agent.channels.files``):
+Contract (the HTTP side is the README's "Inside a session", the wire side
+``gurutunnel_protocol.messages.files`` and ``gurutunnel_agent.channels.files``):
 
 - :func:`check_path` refuses (422 ``path_not_allowed``) before anything is sent a path that is
   empty, longer than ``MAX_FILE_PATH_CHARS``, holds NUL, is not absolute, or has a ``.`` or

@@ -1,5 +1,5 @@
 """``/api/v1/tunnel/{session_id}``: exec (full result or NDJSON), cancel, WebSocket ticket and
-the live WebSocket. The contract is the README's "Inside a session" and /tmp/exec_api.md.
+the live WebSocket. The contract is the README's "Inside a session" and its REST API table.
 
 A client that goes away mid-command (the HTTP connection closes) cancels the command on the
 agent: a watcher awaits the ASGI ``http.disconnect`` and cancels the request's work, whose

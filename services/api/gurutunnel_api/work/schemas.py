@@ -1,4 +1,4 @@
-"""HTTP and WebSocket schemas of work inside a session (the technician API of /tmp/exec_api.md).
+"""HTTP and WebSocket schemas of work inside a session (the README's "Inside a session").
 
 Request bodies and client WebSocket messages refuse unknown fields. Output travels as standard
 base64 (``WireBytes``) in NDJSON lines and WebSocket messages.

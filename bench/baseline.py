@@ -19,6 +19,10 @@
 - ``bare PORT``: a bare websockets server that accepts sockets and holds them (same socket
   settings as the gateway); the baseline for memory per connection and the reconnect storm.
 
+Both servers (``gw``, ``bare``) run on the gateway's default event loop (uvloop where installed)
+with its default listen backlog; the bridge's API runs under uvicorn with uvicorn's defaults, as
+the real API does.
+
 Peer <-> gateway frames are binary: 1 byte kind (1 request, 2 reply, 3 data, 4 end) and a
 4-byte request number (requests and replies). The ``up`` messages keep the kind byte, so a
 reader sees where a stream ends.
@@ -39,6 +43,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from gurutunnel_gateway.config import GatewaySettings
+from gurutunnel_gateway.server import event_loop_factory
+
 from .simagent import pattern_bytes, raise_nofile_limit
 
 REQUEST, REPLY, DATA, END = 1, 2, 3, 4
@@ -49,6 +56,12 @@ COMPRESSION = None
 """The gateway's default (``GT_GATEWAY_COMPRESSION=none``): peers offer permessage-deflate like
 the real agent, and the server declines it, as the gateway does."""
 _HEAD = struct.Struct("!BI")
+
+# The servers (bridge gateway, bare server) run on the gateway's default event loop (uvloop
+# where installed) with its default listen backlog: the same loop and the same kernel queue of
+# pending connections, so a ratio measures the gateway's code, not a configuration choice.
+LISTEN_BACKLOG: int = GatewaySettings.model_fields["listen_backlog"].default
+SERVER_LOOP = event_loop_factory(GatewaySettings.model_fields["event_loop"].default)
 
 
 def req_subject(name: str) -> str:
@@ -109,6 +122,7 @@ async def run_gw(port: int, nats_url: str) -> None:
         ping_interval=PING_INTERVAL_S,
         ping_timeout=PING_TIMEOUT_S,
         compression=COMPRESSION,
+        backlog=LISTEN_BACKLOG,
     ):
         print("ready", flush=True)
         await _until_signal()
@@ -270,6 +284,7 @@ async def run_bare(port: int) -> None:
         ping_interval=PING_INTERVAL_S,
         ping_timeout=PING_TIMEOUT_S,
         compression=COMPRESSION,
+        backlog=LISTEN_BACKLOG,
     ):
         print("ready", flush=True)
         await _until_signal()
@@ -280,13 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     raise_nofile_limit()
     mode = args[0] if args else ""
     if mode == "gw":
-        asyncio.run(run_gw(int(args[1]), args[2]))
+        with asyncio.Runner(loop_factory=SERVER_LOOP) as runner:
+            runner.run(run_gw(int(args[1]), args[2]))
     elif mode == "api":
         run_api(int(args[1]), args[2])
     elif mode == "peer":
         asyncio.run(run_peer(args[1], args[2:]))
     elif mode == "bare":
-        asyncio.run(run_bare(int(args[1])))
+        with asyncio.Runner(loop_factory=SERVER_LOOP) as runner:
+            runner.run(run_bare(int(args[1])))
     else:
         sys.exit("usage: python -m bench.baseline gw|api|peer|bare ...")
 

@@ -34,6 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIO_TIMEOUT_S = {"full": 420.0, "quick": 60.0, "smoke": 60.0}
 """Bound of one scenario: past it the scenario is recorded as failed and the run goes on."""
+RUN_BUDGET_S = {"full": 20 * 60.0, "quick": 120.0, "smoke": 100.0}
+"""Bound of the whole run (issue 5: 20 minutes full, 2 minutes quick): a scenario gets at most
+what is left of it, less ``STOP_RESERVE_S`` to stop everything; once it is spent, the scenarios
+not run yet are recorded as failed."""
+STOP_RESERVE_S = 10.0
+DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true", help="the quick profile (<= 2 min)")
     level.add_argument(
-        "--smoke", action="store_true", help="the quick profile's smallest size of each scenario"
+        "--smoke",
+        action="store_true",
+        help="every scenario at its smallest size, below quick's (the harness test)",
     )
     parser.add_argument(
         "--only",
@@ -51,8 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"run only these scenarios: {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="write the table (and the plots, in a benchmarks/ folder beside it) into this file; "
+        "default: docs/benchmarks.md, for a full run of every scenario only",
+    )
+    parser.add_argument("--no-docs", action="store_true", help="do not write any table")
     parser.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib)")
     parser.add_argument(
         "--profile",
@@ -71,7 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings_used(profile: Profile) -> dict[str, Any]:
+def settings_used(profile: Profile, profiled: list[str]) -> dict[str, Any]:
     from gurutunnel_api.config import ApiSettings
     from gurutunnel_gateway.config import GatewaySettings
 
@@ -84,6 +97,7 @@ def settings_used(profile: Profile) -> dict[str, Any]:
     )
     return {
         "profile": dataclasses.asdict(profile),
+        "profiled": sorted(profiled),
         "bench_overrides": {"api": API_ENV, "gateway": GATEWAY_ENV},
         "database": "SQLite file in the run's temp dir (the embedded default)",
         "gateway": gateway,
@@ -101,10 +115,12 @@ def settings_used(profile: Profile) -> dict[str, Any]:
             "output": "pseudo-random bytes (incompressible)",
         },
         "baselines": {
-            "bridge_gateway": "websockets server, asyncio loop, max_size 1 MiB, pings 10 s, "
-            "no compression (the gateway's default)",
+            "bridge_gateway": "websockets server, max_size 1 MiB, pings 10 s, no compression "
+            "(the gateway's defaults)",
             "bridge_api": "bare ASGI app under uvicorn (uvloop, httptools), no framework",
             "bare": "websockets server holding sockets, max_size 1 MiB, pings 10 s, no compression",
+            "server_event_loop": "asyncio" if baseline.SERVER_LOOP is None else "uvloop",
+            "server_listen_backlog": baseline.LISTEN_BACKLOG,
             "ping_interval_s": baseline.PING_INTERVAL_S,
         },
     }
@@ -170,7 +186,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "started_at": started.isoformat(),
         "machine": machine_info(),
         "versions": library_versions(),
-        "settings": settings_used(profile),
+        "settings": settings_used(profile, args.profile),
         "selected": selected,
         "scenarios": {},
     }
@@ -195,10 +211,15 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for name in selected:
             number, title, scenario = SCENARIOS[name]
             t0 = time.monotonic()
+            left_s = RUN_BUDGET_S[profile.name] - STOP_RESERVE_S - (t0 - t_start)
             with console.status(f"{number}. {title} ..."):
                 try:
+                    if left_s <= 0:
+                        raise TimeoutError(
+                            f"the run's budget of {RUN_BUDGET_S[profile.name]:g} s is spent"
+                        )
                     result = await asyncio.wait_for(
-                        scenario(bench), SCENARIO_TIMEOUT_S[profile.name]
+                        scenario(bench), min(SCENARIO_TIMEOUT_S[profile.name], left_s)
                     )
                 except Exception as exc:
                     failed = True
@@ -227,22 +248,44 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return document
 
 
+def complete_run(document: dict[str, Any]) -> bool:
+    """A full-profile run of every scenario, all of them completed, no process profiled: what
+    docs/benchmarks.md holds (a partial run there would replace its table with a few rows)."""
+    return (
+        document["profile"] == "full"
+        and set(document["selected"]) == set(SCENARIOS)
+        and not document["failed"]
+        and not document["settings"].get("profiled")
+    )
+
+
 def write_outputs(args: argparse.Namespace, document: dict[str, Any], console: Console) -> None:
-    """The JSON file, then (unless turned off) the plots and the table in the docs."""
+    """The JSON file, then (unless turned off) the plots and the table: into ``--docs`` when
+    given, into docs/benchmarks.md for a :func:`complete_run`, else the plots beside the JSON."""
     out = args.results_dir / f"{document['stamp']}.json"
     write_json(document, out)
     console.log(f"results: {out}")
+    docs: Path | None = None
+    if not args.no_docs:
+        docs = args.docs or (DEFAULT_DOCS if complete_run(document) else None)
+        if docs is None:
+            console.log(
+                "docs/benchmarks.md left as it is: it holds complete full runs only "
+                "(--docs PATH writes this run's table elsewhere)"
+            )
     plots: list[str] = []
     if not args.no_plots:
         from .plots import make_plots
 
-        plot_dir = args.docs.parent / "benchmarks"
+        plot_dir = (
+            docs.parent / "benchmarks" if docs else args.results_dir / f"{document['stamp']}-plots"
+        )
         for path in make_plots(document, plot_dir):
-            plots.append(os.path.relpath(path, args.docs.parent))
+            plots.append(os.path.relpath(path, docs.parent) if docs else str(path))
         console.log(f"plots: {', '.join(plots) or 'none'}")
-    if not args.no_docs:
-        write_markdown(document, args.docs, plots)
-        console.log(f"table written into {args.docs}")
+    if docs is not None:
+        write_markdown(document, docs, plots)
+        console.log(f"table written into {docs}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Sizes of every scenario for the three profiles: ``full`` (<= 20 min on 2 cores), ``quick``
-(<= 2 min) and ``smoke`` (the quick profile's smallest size of each scenario; the harness test).
+(<= 2 min) and ``smoke`` (every scenario at a size below quick's smallest, its agents spread
+over several client processes as the full profile's are: the harness test, ``tests/bench``).
 
 Every count and duration a scenario uses is here, so one place says what each profile does and
 every scenario is bounded in time and count.
@@ -57,6 +58,9 @@ class Profile:
     file_bytes: int
     # processes
     agents_per_client_process: int = 4500
+    idle_heartbeat_interval_s: float = 30.0
+    """The idle gateway's ``agent_heartbeat_interval_s`` (the product's default in full): the CPU
+    window must see beats, and quick's and smoke's windows are shorter than 30 s."""
     sim_processes: int = 2
     """Processes for the pool of API-enrolled agents (scenarios 1-4, 7, 8)."""
     interleave_block: int = 50
@@ -119,6 +123,7 @@ QUICK = Profile(
     idle_settle_s=1.0,
     idle_cpu_window_s=2.0,
     idle_connect_timeout_s=60.0,
+    idle_heartbeat_interval_s=1.0,
     storm_agents=1000,
     storm_timeout_s=40.0,
     storm_probe_rate_per_s=50.0,
@@ -146,6 +151,7 @@ SMOKE = Profile(
     idle_settle_s=0.5,
     idle_cpu_window_s=1.0,
     idle_connect_timeout_s=30.0,
+    idle_heartbeat_interval_s=0.25,
     storm_agents=50,
     storm_timeout_s=30.0,
     storm_probe_rate_per_s=20.0,
@@ -154,6 +160,8 @@ SMOKE = Profile(
     file_bytes=2 * MIB,
     sim_processes=1,
     interleave_block=10,
+    # the spread of a fleet over client processes (4,500 sockets each in full) is exercised too
+    agents_per_client_process=20,
 )
 
 PROFILES: dict[ProfileName, Profile] = {"full": FULL, "quick": QUICK, "smoke": SMOKE}

@@ -2,7 +2,9 @@
 
 A row's ``ratio`` is gurutunnel / baseline from the same run. A goal is either on the ratio
 (``ratio<=`` / ``ratio>=``) or on gurutunnel's value itself (``<=`` / ``>=``); ``passed`` is None
-for a row without a goal (information) or without the numbers to judge it.
+for a row without a goal (information) or whose baseline is missing, and False when gurutunnel's
+own value is missing (the measurement did not complete: a storm that never finished, probes that
+never got an answer).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Goal:
         return f"{sign} {self.value:g} {unit}".rstrip()
 
     def judge(self, value: float | None, ratio_value: float | None) -> bool | None:
+        if value is None or math.isnan(value):
+            return False  # gurutunnel's side did not complete: never "not judged"
         subject = ratio_value if self.kind.startswith("ratio") else value
         if subject is None or math.isnan(subject):
             return None

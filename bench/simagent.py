@@ -209,6 +209,8 @@ class Counters:
     """... an HTTP answer other than 101 (e.g. 503 while draining)."""
     errors_received: int = 0
     commands: int = 0
+    heartbeats: int = 0
+    """Heartbeats sent (what the gateway decoded and published, for its CPU per heartbeat)."""
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -389,6 +391,7 @@ class AgentSocket:
             )
             with contextlib.suppress(ConnectionClosed):
                 await self.send(beat)
+                self.process.counters.heartbeats += 1
             await asyncio.sleep(interval_s)
 
     async def _close_tunnel(self, frame: TunnelClose) -> None:

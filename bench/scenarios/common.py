@@ -192,6 +192,7 @@ class StreamRun:
     last_byte_at: float = 0.0
     error: str | None = None
     marks: list[tuple[float, int]] = field(default_factory=list)
+    """(time, bytes received by then), at most every ``MARK_INTERVAL_S``: shares at a moment."""
 
     incomplete: bool = False
     """The stream stopped short: no message for ``STREAM_IDLE_S`` (a lost end frame)."""
@@ -203,6 +204,19 @@ class StreamRun:
     @property
     def mb_per_s(self) -> float:
         return self.received / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def mark(self, now: float) -> None:
+        if not self.marks or now - self.marks[-1][0] >= MARK_INTERVAL_S:
+            self.marks.append((now, self.received))
+
+    def received_at(self, moment: float) -> int:
+        """Bytes received by ``moment`` (to within ``MARK_INTERVAL_S``)."""
+        if moment >= self.ended_at:
+            return self.received
+        return max((n for t, n in self.marks if t <= moment), default=0)
+
+
+MARK_INTERVAL_S = 0.01
 
 
 STREAM_IDLE_S = 10.0
@@ -283,6 +297,7 @@ async def gurutunnel_stream(
                         if not run.received:
                             run.first_byte_at = time.perf_counter()
                         run.received += b64_len(message["data"])
+                        run.mark(run.last_byte_at)
                     elif kind == "gap":
                         run.gaps += message["to_seq"] - message["from_seq"] + 1
                     elif kind == "exit":
@@ -322,6 +337,7 @@ async def bridge_stream(
                         if not run.received:
                             run.first_byte_at = time.perf_counter()
                         run.received += len(data) - 1
+                        run.mark(run.last_byte_at)
                     elif data[:1] == bytes([END]):
                         break
         except ConnectionClosed:

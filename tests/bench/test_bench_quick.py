@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import report
 from bench.scenarios import SCENARIOS
 from bench.scenarios.common import echo_command_bytes
 from bench.simagent import chunk_text, echo_answer_text, pattern_bytes
@@ -33,7 +34,11 @@ def _number(value: object) -> bool:
 
 
 def test_smoke_profile_reports_every_scenario_with_numbers_and_ratios(tmp_path: Path) -> None:
-    """``python -m bench --smoke`` completes every scenario and writes numbers and ratios."""
+    """``python -m bench --smoke`` completes every scenario, writes numbers and ratios to the
+    JSON file and its table into a copy of docs/benchmarks.md, between the markers only."""
+    docs = tmp_path / "benchmarks.md"
+    original = (ROOT / "docs" / "benchmarks.md").read_text()
+    docs.write_text(original)
     run = subprocess.run(
         [
             sys.executable,
@@ -41,7 +46,8 @@ def test_smoke_profile_reports_every_scenario_with_numbers_and_ratios(tmp_path: 
             "bench",
             "--smoke",
             "--no-plots",
-            "--no-docs",
+            "--docs",
+            str(docs),
             "--results-dir",
             str(tmp_path),
         ],
@@ -69,6 +75,18 @@ def test_smoke_profile_reports_every_scenario_with_numbers_and_ratios(tmp_path: 
                 assert row["passed"] in (True, False), (name, row)
     assert document["machine"]["logical_cores"] >= 1
     assert document["machine"]["nats_server"].startswith("nats-server")
+
+    written = docs.read_text()
+    begin, end = written.index(report.BEGIN), written.index(report.END)
+    old_begin, old_end = original.index(report.BEGIN), original.index(report.END)
+    # the hand-written text around the generated section is kept as it was
+    assert written[:begin] == original[:old_begin]
+    assert written[end:] == original[old_end:]
+    section = written[begin:end]
+    assert "smoke profile" in section
+    for name, scenario in document["scenarios"].items():
+        for row in scenario["rows"]:
+            assert f"| {scenario['number']} | {row['metric']} |" in section, (name, row["metric"])
 
 
 def test_simulated_agent_chunks_are_what_the_codec_encodes() -> None:

@@ -71,10 +71,13 @@ class ExitWaiter:
         self.sub: Any = None
 
     async def start(self, bench: Bench) -> None:
+        subjects = bench.subjects
+
         async def on_up(msg: Any) -> None:
-            subject: str = msg.subject
-            if subject.endswith(".up") and b'"terminal.exit"' in msg.data:
-                future = self.pending.pop(subject.rsplit(".", 2)[-2], None)
+            session_id = subjects.up_session_id(msg.subject)
+            # a byte test, not a decode: this harness must not add its own CPU to the timing
+            if session_id is not None and b'"terminal.exit"' in msg.data:
+                future = self.pending.pop(session_id, None)
                 if future is not None and not future.done():
                     future.set_result(None)
 

@@ -57,6 +57,21 @@ class Subjects:
         agent = validate_id(agent_id, what="agent_id")
         return f"{self.prefix}.agent.{agent}.evt.{validate_id(kind, what='event kind')}"
 
+    def event_kind(self, subject: str) -> str | None:
+        """The ``kind`` of an :meth:`agent_events` subject of this prefix; None for any other
+        subject (the subscriber of :meth:`all_agent_events` then checks the agent id against
+        the payload's with :meth:`agent_events`)."""
+        tokens = subject.split(".")
+        head = self.prefix.count(".") + 1
+        if (
+            len(tokens) != head + 4
+            or ".".join(tokens[:head]) != self.prefix
+            or tokens[head] != "agent"
+            or tokens[head + 2] != "evt"
+        ):
+            return None
+        return tokens[-1]
+
     def all_agent_events(self) -> str:
         """Wildcard the API subscribes to (in its queue group) for every agent event."""
         return f"{self.prefix}.agent.*.evt.>"
@@ -71,6 +86,15 @@ class Subjects:
     # sessions
     def session_up(self, session_id: str) -> str:
         return f"{self.prefix}.session.{validate_id(session_id, what='session_id')}.up"
+
+    def up_session_id(self, subject: str) -> str | None:
+        """The session id of a :meth:`session_up` subject of this prefix; None for any other
+        subject (``session_down``, another prefix)."""
+        head = f"{self.prefix}.session."
+        if not (subject.startswith(head) and subject.endswith(".up")):
+            return None
+        session_id = subject[len(head) : -len(".up")]
+        return session_id if session_id and "." not in session_id else None
 
     def all_sessions(self) -> str:
         """Wildcard over both directions of every session (taps and tests; no service uses it)."""

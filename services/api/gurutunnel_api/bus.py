@@ -764,9 +764,9 @@ class NatsBus:
             await msg.ack()
 
     async def _on_agent_event(self, msg: Msg) -> None:
-        kind = msg.subject.rsplit(".", 1)[-1]
+        kind = self.subjects.event_kind(msg.subject)
         if kind != "heartbeat":
-            log.debug("agent event ignored", extra={"kind": kind[:64]})
+            log.debug("agent event ignored", extra={"kind": (kind or "")[:64]})
             return
         try:
             heartbeat = decode_agent_heartbeat(msg.data)

@@ -62,3 +62,20 @@ def test_new_ids_are_valid_and_distinct() -> None:
     ids = {new_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(validate_id(i) == i for i in ids)
+
+
+def test_subjects_parse_back_what_they_build() -> None:
+    """The session of an up subject and the kind of an event subject, under any prefix; None
+    for a subject of another shape or another prefix."""
+    for prefix in ("gt", "tabc.gt"):
+        s = Subjects(prefix)
+        assert s.up_session_id(s.session_up("s1")) == "s1"
+        assert s.event_kind(s.agent_events("a1", "heartbeat")) == "heartbeat"
+        assert s.up_session_id(s.session_down("s1")) is None
+        assert s.up_session_id(s.agent_events("a1", "up")) is None
+        assert s.event_kind(s.agent_commands("a1")) is None
+        assert s.event_kind(s.presence("a1")) is None
+    assert Subjects("gt").up_session_id(Subjects("other").session_up("s1")) is None
+    assert Subjects("gt").event_kind(Subjects("tabc.gt").agent_events("a", "heartbeat")) is None
+    assert Subjects("gt").up_session_id("gt.session.a.b.up") is None
+    assert Subjects("gt").up_session_id("gt.session..up") is None

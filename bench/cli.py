@@ -28,6 +28,7 @@ from .machine import library_versions, machine_info
 from .profiles import PROFILES, Profile
 from .report import fmt, write_json, write_markdown
 from .results import ScenarioResult
+from .sampling import py_spy
 from .scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="run that process under pyinstrument; the text profile goes to the results dir",
     )
+    parser.add_argument(
+        "--sample",
+        choices=["gateway", "api"],
+        action="append",
+        default=[],
+        help="sample that process (every gateway for 'gateway') with py-spy, the GIL holder "
+        "only, without pausing it; stacks and a summary go to the results dir",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run's temp dir and logs")
     parser.add_argument(
         "--postgres",
@@ -81,7 +90,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run the API on PostgreSQL instead of SQLite: postgresql://user@host:port/db of a "
         "server where the run creates (and drops) a database of its own",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sample and py_spy() is None:
+        parser.error("--sample needs py-spy (pip install -r requirements-bench.txt)")
+    return args
 
 
 def settings_used(profile: Profile, profiled: list[str]) -> dict[str, Any]:
@@ -186,7 +198,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "started_at": started.isoformat(),
         "machine": machine_info(),
         "versions": library_versions(),
-        "settings": settings_used(profile, args.profile),
+        "settings": settings_used(profile, [*args.profile, *args.sample]),
         "selected": selected,
         "scenarios": {},
     }
@@ -201,6 +213,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         profile_parts=frozenset(args.profile),
         profile_dir=args.results_dir / f"{stamp}-profiles",
         database_url=database_url,
+        sample_parts=frozenset(args.sample),
     )
     failed = False
     t_start = time.monotonic()

@@ -13,7 +13,8 @@ Contract:
   file of its stderr; every wait on it is bounded.
 - ``close()`` stops every process (SIGTERM, then SIGKILL), in reverse order.
 - With ``profile_parts`` (``gateway``, ``api``), those processes run under pyinstrument
-  (``bench/_profiling/sitecustomize.py``) and write a text profile when they stop.
+  (``bench/_profiling/sitecustomize.py``) and write a text profile when they stop; with
+  ``sample_parts``, py-spy samples them from outside (``bench.sampling``) until ``close()``.
 - ``database_url`` (an empty PostgreSQL database) replaces the embedded SQLite default.
 """
 
@@ -42,6 +43,7 @@ from gurutunnel_api.security import load_agent_signing_key, mint_agent_credentia
 from gurutunnel_protocol import Subjects, new_id
 
 from .profiles import Profile
+from .sampling import Samplers
 from .simagent import SimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,12 +261,15 @@ class Bench:
         profile_parts: frozenset[str] = frozenset(),
         profile_dir: Path | None = None,
         database_url: str | None = None,
+        sample_parts: frozenset[str] = frozenset(),
     ) -> None:
         self.profile = profile
         self.root = root
         self.console = console
         self.profile_parts = profile_parts
         self.profile_dir = profile_dir or root / "profiles"
+        self.sample_parts = sample_parts
+        self.samplers = Samplers(self.profile_dir)
         self.logs = root / "logs"
         api_env = dict(API_ENV)
         if "api" in profile_parts:
@@ -309,7 +314,9 @@ class Bench:
         """NATS, API, main gateway, the pool of simulated agents and the naive bridge."""
         await asyncio.to_thread(self.stack.start_nats)
         bridge = asyncio.create_task(self._start_bridge_servers())
-        await asyncio.to_thread(self.stack.start_api)
+        api = await asyncio.to_thread(self.stack.start_api)
+        if "api" in self.sample_parts:
+            self.samplers.attach("api", api.pid)
         password = await asyncio.to_thread(self.stack.create_admin, "admin")
         self.token = await asyncio.to_thread(self.stack.token, "admin", password)
         self.http = httpx.AsyncClient(
@@ -329,7 +336,10 @@ class Bench:
     ) -> tuple[ManagedProcess, int]:
         if "gateway" in self.profile_parts:
             env |= self._profiling_env("gateway", gateway_id)
-        return await asyncio.to_thread(self.stack.start_gateway, gateway_id, 30, port, **env)
+        proc, bound = await asyncio.to_thread(self.stack.start_gateway, gateway_id, 30, port, **env)
+        if "gateway" in self.sample_parts:
+            self.samplers.attach(gateway_id, proc.pid)
+        return proc, bound
 
     async def _enroll(self, name: str) -> EnrolledAgent:
         assert self.http is not None
@@ -436,6 +446,8 @@ class Bench:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+        # the recorders first: a process that stops is sampled stopping, not what was measured
+        await asyncio.to_thread(self.samplers.stop)
         await asyncio.to_thread(self.stack.close)
 
     # ------------------------------------------------------------------ API helpers

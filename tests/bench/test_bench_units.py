@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.cli import complete_run
 from bench.results import Goal, Row
+from bench.sampling import summarize
 from bench.scenarios import SCENARIOS
 from bench.scenarios.common import MARK_INTERVAL_S, StreamRun
 from bench.scenarios.stream import _aggregate
@@ -79,3 +80,24 @@ def test_only_a_complete_full_run_replaces_the_docs_table() -> None:
     assert not complete_run(_document(selected=["roundtrip"]))
     assert not complete_run(_document(failed=True))
     assert not complete_run(_document(settings={"profiled": ["api"]}))
+
+
+def test_sample_summary_shares_functions_inclusive_and_own() -> None:
+    """py-spy's collapsed stacks: a function counts once per sample however deep it recurs,
+    and its own share is the samples where it was the innermost frame."""
+    collapsed = "\n".join(
+        [
+            "main (app/x.py:1);handle (app/y.py:5);query (db/z.py:9) 6",
+            "main (app/x.py:1);handle (app/y.py:5);handle (app/y.py:7) 3",
+            "main (app/x.py:2) 1",
+            "not a sample line",
+        ]
+    )
+    text = summarize(collapsed)
+    assert text.startswith("10 samples")
+    inclusive, own = text.split("own:")
+    assert " 100.0%  main (x.py)" in inclusive
+    assert "  90.0%  handle (y.py)" in inclusive
+    assert "  60.0%  query (z.py)" in own
+    assert "  30.0%  handle (y.py)" in own
+    assert "  10.0%  main (x.py)" in own

@@ -61,6 +61,9 @@ class Profile:
     idle_heartbeat_interval_s: float = 30.0
     """The idle gateway's ``agent_heartbeat_interval_s`` (the product's default in full): the CPU
     window must see beats, and quick's and smoke's windows are shorter than 30 s."""
+    idle_heartbeat_fast_s: float = 5.0
+    """The interval of the second CPU window at the largest size (the agents told to beat
+    faster): the CPU a heartbeat costs is the difference between the two windows."""
     sim_processes: int = 2
     """Processes for the pool of API-enrolled agents (scenarios 1-4, 7, 8)."""
     interleave_block: int = 50
@@ -124,6 +127,7 @@ QUICK = Profile(
     idle_cpu_window_s=2.0,
     idle_connect_timeout_s=60.0,
     idle_heartbeat_interval_s=1.0,
+    idle_heartbeat_fast_s=0.25,
     storm_agents=1000,
     storm_timeout_s=40.0,
     storm_probe_rate_per_s=50.0,
@@ -152,6 +156,7 @@ SMOKE = Profile(
     idle_cpu_window_s=1.0,
     idle_connect_timeout_s=30.0,
     idle_heartbeat_interval_s=0.25,
+    idle_heartbeat_fast_s=0.05,
     storm_agents=50,
     storm_timeout_s=30.0,
     storm_probe_rate_per_s=20.0,

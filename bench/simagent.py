@@ -5,7 +5,9 @@ Contract:
   per agent (``mode="gurutunnel"``) or a socket count (``mode="bare"``, for the bare websockets
   baseline), the source IP of its sockets and how many connect at once.
 - Reads commands from stdin, one JSON object per line: ``{"op": "target", "n": k}`` keeps agents
-  ``0..k-1`` connected (agents are only ever added), ``{"op": "stop"}`` closes every socket and
+  ``0..k-1`` connected (agents are only ever added), ``{"op": "beat", "interval_s": s}`` makes
+  every agent beat every ``s`` seconds from now on (each one's next beat at a random point of the
+  first interval, so the fleet does not beat in step), ``{"op": "stop"}`` closes every socket and
   exits. Writes JSON lines to stdout: ``{"event": "status", "connected": c, "target": t, ...}``
   whenever a count changed (at most every ``status_interval_s``).
 - A gurutunnel agent speaks protocol version 1 exactly as ``docs/protocol.md`` says, with the
@@ -267,6 +269,7 @@ class AgentSocket:
         except ConnectionClosed:
             pass
         finally:
+            self.process.beating.discard(self)
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
             for task in [*self.channels.values()]:
@@ -303,8 +306,8 @@ class AgentSocket:
             self.welcome = frame
             self.process.counters.connected += 1
             self.process.counters.welcomes += 1
-            interval = min(frame.heartbeat_interval_s, self.process.config.heartbeat_interval_s)
-            self._heartbeat = asyncio.create_task(self._beat(interval))
+            self.process.beating.add(self)
+            self.beat_every(self.process.beat_override_s or frame.heartbeat_interval_s)
         elif isinstance(frame, Terminal):
             await self._command(frame)
         elif isinstance(frame, TerminalCancel):
@@ -380,8 +383,18 @@ class AgentSocket:
         else:  # error frames: a refused frame of ours
             self.process.counters.errors_received += 1
 
-    async def _beat(self, interval_s: float) -> None:
+    def beat_every(self, interval_s: float, first_after_s: float = 0.0) -> None:
+        """(Re)start the heartbeats: the first after ``first_after_s``, then every
+        ``interval_s`` (never slower than the process's configured interval)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        interval_s = min(interval_s, self.process.config.heartbeat_interval_s)
+        self._heartbeat = asyncio.create_task(self._beat(interval_s, first_after_s))
+
+    async def _beat(self, interval_s: float, first_after_s: float) -> None:
         metrics = self.process.metrics
+        if first_after_s > 0:
+            await asyncio.sleep(first_after_s)
         while True:
             beat = Heartbeat(
                 sent_at=datetime.now(UTC),
@@ -674,6 +687,9 @@ class SimProcess:
         self.target = 0
         self.stopping = asyncio.Event()
         self.sockets: dict[int, ClientConnection] = {}
+        self.beating: set[AgentSocket] = set()
+        """Welcomed agents, whose heartbeats run."""
+        self.beat_override_s: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._first_connects = asyncio.Semaphore(config.connect_concurrency)
         self._sha_cache: dict[int, asyncio.Future[str]] = {}
@@ -682,6 +698,12 @@ class SimProcess:
         if size not in self._sha_cache:
             self._sha_cache[size] = asyncio.ensure_future(asyncio.to_thread(pattern_sha256, size))
         return await self._sha_cache[size]
+
+    def beat_every(self, interval_s: float) -> None:
+        self.beat_override_s = interval_s
+        rng = random.Random(len(self.beating))
+        for sock in self.beating:
+            sock.beat_every(interval_s, first_after_s=rng.uniform(0, interval_s))
 
     def set_target(self, n: int) -> None:
         n = min(n, self.config.size)
@@ -805,6 +827,8 @@ async def amain(config: SimConfig) -> None:
             command = json.loads(line)
             if command.get("op") == "target":
                 process.set_target(int(command["n"]))
+            elif command.get("op") == "beat":
+                process.beat_every(float(command["interval_s"]))
             elif command.get("op") == "stop":
                 break
     finally:

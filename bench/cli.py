@@ -177,7 +177,7 @@ def _console_table(result: ScenarioResult) -> Table:
             row.metric,
             fmt(row.gurutunnel, row.unit),
             fmt(row.baseline, row.unit),
-            f"{row.ratio:.2f}x" if row.ratio is not None else "—",
+            f"{row.ratio:.3g}x" if row.ratio is not None else "—",
             row.goal.text(row.unit) if row.goal else "—",
             verdict,
         )

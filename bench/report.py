@@ -81,7 +81,7 @@ def results_table(document: dict[str, Any]) -> str:
                     metric=row["metric"],
                     gt=fmt(row["gurutunnel"], row["unit"]),
                     base=fmt(row["baseline"], row["unit"]),
-                    ratio=f"{ratio:.2f}x" if ratio is not None else "—",
+                    ratio=f"{ratio:.3g}x" if ratio is not None else "—",
                     goal=goal["text"] if goal else "—",
                     result=_verdict(row["passed"], goal is not None),
                 )
@@ -117,8 +117,9 @@ def generated_section(document: dict[str, Any], plots: list[str]) -> str:
         f"Load average at start {load}, at end {load_end} (a shared machine: other work ran "
         f"alongside). The run took {document['duration_s'] / 60:.1f} min.",
         "",
-        "Ratio = gurutunnel / baseline from this run. Latencies in ms, rates in MB/s "
-        "(10^6 bytes/s), memory in KiB or MiB (RSS, from psutil).",
+        "Ratio = gurutunnel / baseline from this run, to 3 significant digits (a verdict is "
+        "taken on the unrounded ratio). Latencies in ms, rates in MB/s (10^6 bytes/s), memory "
+        "in KiB or MiB (RSS, from psutil).",
         "",
         results_table(document),
         "",

@@ -50,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     level.add_argument(
         "--smoke",
         action="store_true",
-        help="every scenario at its smallest size, below quick's (the harness test)",
+        help="the quick profile's smallest size of each scenario, in shorter windows (the "
+        "harness test)",
     )
     parser.add_argument(
         "--only",

@@ -1,6 +1,7 @@
 """Sizes of every scenario for the three profiles: ``full`` (<= 20 min on 2 cores), ``quick``
-(<= 2 min) and ``smoke`` (every scenario at a size below quick's smallest, its agents spread
-over several client processes as the full profile's are: the harness test, ``tests/bench``).
+(<= 2 min) and ``smoke`` (the quick profile's smallest size of each scenario, in shorter windows,
+its fleets spread over several client processes as the full profile's are: the harness test,
+``tests/bench``).
 
 Every count and duration a scenario uses is here, so one place says what each profile does and
 every scenario is bounded in time and count.
@@ -8,6 +9,7 @@ every scenario is bounded in time and count.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,37 +138,19 @@ QUICK = Profile(
     file_bytes=16 * MIB,
 )
 
-SMOKE = Profile(
+SMOKE = dataclasses.replace(
+    QUICK,
     name="smoke",
-    rt_agents=2,
-    rt_samples=40,
-    rt_rest_samples=20,
-    rt_warmup=5,
-    tp_in_flight=4,
+    # the quick profile's sizes, its smallest where it has several; shorter windows
+    idle_steps=QUICK.idle_steps[:1],
     tp_duration_s=0.5,
     tp_warmup_s=0.2,
     tp_rounds=1,
-    open_agents=1,
-    open_samples=6,
-    stream_bytes=1 * MIB,
-    stream_sessions=2,
-    stream_bytes_each=256 * 1024,
-    idle_steps=[50],
     idle_settle_s=0.5,
     idle_cpu_window_s=1.0,
-    idle_connect_timeout_s=30.0,
-    idle_heartbeat_interval_s=0.25,
-    idle_heartbeat_fast_s=0.05,
-    storm_agents=50,
-    storm_timeout_s=30.0,
-    storm_probe_rate_per_s=20.0,
-    stall_sessions=1,
     stall_window_s=2.0,
-    file_bytes=2 * MIB,
-    sim_processes=1,
-    interleave_block=10,
     # the spread of a fleet over client processes (4,500 sockets each in full) is exercised too
-    agents_per_client_process=20,
+    agents_per_client_process=250,
 )
 
 PROFILES: dict[ProfileName, Profile] = {"full": FULL, "quick": QUICK, "smoke": SMOKE}

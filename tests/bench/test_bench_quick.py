@@ -1,4 +1,5 @@
-"""The benchmark harness works: the smallest size of every scenario runs and reports numbers.
+"""The benchmark harness works: the quick profile's smallest size of every scenario runs and
+reports numbers.
 
 This checks the harness (processes start, every scenario completes, the JSON holds numbers and
 ratios), never a speed: benchmarks themselves do not run inside the test command.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 from bench.cli import complete_run
+from bench.profiles import QUICK, SMOKE
 from bench.results import Goal, Row
 from bench.sampling import summarize
 from bench.scenarios import SCENARIOS
@@ -101,3 +103,26 @@ def test_sample_summary_shares_functions_inclusive_and_own() -> None:
     assert "  60.0%  query (z.py)" in own
     assert "  30.0%  handle (y.py)" in own
     assert "  10.0%  main (x.py)" in own
+
+
+def test_the_smoke_profile_is_the_quick_profiles_smallest_size_of_each_scenario() -> None:
+    """Issue 5: the harness test runs quick's sizes (its smallest where it has several); only
+    the measuring windows are shorter."""
+    windows = {
+        "name",
+        "idle_steps",
+        "tp_duration_s",
+        "tp_warmup_s",
+        "tp_rounds",
+        "idle_settle_s",
+        "idle_cpu_window_s",
+        "stall_window_s",
+        "agents_per_client_process",
+    }
+    smoke, quick = dataclasses.asdict(SMOKE), dataclasses.asdict(QUICK)
+    assert {k: v for k, v in smoke.items() if k not in windows} == {
+        k: v for k, v in quick.items() if k not in windows
+    }
+    assert SMOKE.idle_steps == [min(QUICK.idle_steps)]
+    # the fleets are spread over several client processes, as the full profile's are
+    assert SMOKE.agents_per_client_process < min(SMOKE.idle_steps[0], SMOKE.storm_agents)

@@ -52,15 +52,16 @@ class GatewaySettings(BaseSettings):
     the gateway's CPU per command (and the agent's) and a zlib state per idle socket. Turn it on
     for agents on slow metered links whose output is mostly text."""
     open_timeout_s: float = Field(default=10.0, gt=0)
-    max_concurrent_handshakes: int = Field(default=8, gt=0)
+    max_concurrent_handshakes: int = Field(default=16, gt=0)
     """Upgrades from their credential check to their acknowledged ``presence.connected`` (101,
     command subscription, welcome, presence publish) in progress at once; more wait in arrival
     order (within ``open_timeout_s``), before their credential check. A reconnect storm then
     costs the sockets already served a few set-ups' worth of loop time per turn instead of
-    thousands. 8 set-ups, each waiting on NATS round trips, still keep a core busy: against 16,
-    10,000 agents came back 5 % later and commands to those already back answered with a p99
-    of 31 ms instead of 42 (four runs each of bench scenario 6); 64 took 30 % longer and gave
-    91 ms."""
+    thousands. A slot waits for NATS (the presence acknowledgement), so the slots bound the
+    set-up rate when NATS is slow: 8 gave commands to agents already back a lower p99 on a
+    quiet machine (31 ms against 42, bench scenario 6) but, on a loaded one, a set-up rate
+    low enough that 3,757 of 10,000 agents passed their open timeout and backed off; 64 took
+    30 % longer and gave 91 ms."""
     ping_interval_s: float = Field(default=10.0, gt=0)
     ping_timeout_s: float = Field(default=10.0, gt=0)
     close_timeout_s: float = Field(default=5.0, gt=0)

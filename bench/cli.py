@@ -178,7 +178,7 @@ def _console_table(result: ScenarioResult) -> Table:
             row.metric,
             fmt(row.gurutunnel, row.unit),
             fmt(row.baseline, row.unit),
-            f"{row.ratio:.3g}x" if row.ratio is not None else "—",
+            f"{row.ratio:#.3g}x" if row.ratio is not None else "—",
             row.goal.text(row.unit) if row.goal else "—",
             verdict,
         )
@@ -263,10 +263,12 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def complete_run(document: dict[str, Any]) -> bool:
-    """A full-profile run of every scenario, all of them completed, no process profiled: what
-    docs/benchmarks.md holds (a partial run there would replace its table with a few rows)."""
+    """A full-profile run of every scenario on SQLite (the embedded default the page
+    describes), all of them completed, no process profiled: what docs/benchmarks.md holds (a
+    partial run there would replace its table with a few rows)."""
     return (
         document["profile"] == "full"
+        and str(document["settings"].get("database", "")).startswith("SQLite")
         and set(document["selected"]) == set(SCENARIOS)
         and not document["failed"]
         and not document["settings"].get("profiled")

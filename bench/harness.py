@@ -435,20 +435,26 @@ class Bench:
                 await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        for agent_id in list(self.sessions):
-            with contextlib.suppress(Exception):
-                await self.close_session(agent_id)
-        for child in reversed(self.children):
-            with contextlib.suppress(Exception):
-                await child.stop()
-        if self.http is not None:
-            await self.http.aclose()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
         # the recorders first: a process that stops is sampled stopping, not what was measured
-        await asyncio.to_thread(self.samplers.stop)
-        await asyncio.to_thread(self.stack.close)
+        try:
+            await asyncio.to_thread(self.samplers.stop)
+            for agent_id in list(self.sessions):
+                with contextlib.suppress(Exception):
+                    await self.close_session(agent_id)
+            for child in reversed(self.children):
+                with contextlib.suppress(Exception):
+                    await child.stop()
+            if self.http is not None:
+                await self.http.aclose()
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+        finally:
+            await asyncio.to_thread(self.stack.close)
+
+    def before_stopping(self, pid: int) -> None:
+        """A scenario is about to stop (or kill) process ``pid``: its sampler stops first."""
+        self.samplers.stop(pid)
 
     # ------------------------------------------------------------------ API helpers
     @property

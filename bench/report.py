@@ -81,7 +81,7 @@ def results_table(document: dict[str, Any]) -> str:
                     metric=row["metric"],
                     gt=fmt(row["gurutunnel"], row["unit"]),
                     base=fmt(row["baseline"], row["unit"]),
-                    ratio=f"{ratio:.3g}x" if ratio is not None else "—",
+                    ratio=f"{ratio:#.3g}x" if ratio is not None else "—",
                     goal=goal["text"] if goal else "—",
                     result=_verdict(row["passed"], goal is not None),
                 )

@@ -5,8 +5,9 @@ samples where the process holds the GIL (where its Python CPU goes, idle waits l
 ``--nonblocking`` never pauses it, so the profiled run stays close to an unprofiled one (unlike
 an in-process profiler). Collapsed stacks go to ``<dir>/<name>-<pid>.stacks``; py-spy writes
 them when its target exits or when :meth:`Samplers.stop` interrupts it (SIGINT, bounded, then
-killed). :func:`summarize` turns them into ``<name>-<pid>.txt``: the functions by their share
-of the samples, inclusive (the function and what it called) and own.
+killed; :meth:`Samplers.stop` with a pid stops one recorder, before a scenario stops that
+process). :func:`summarize` turns them into ``<name>-<pid>.txt``: the functions by their share
+of the samples, inclusive (the function and what it called) and own, or why there are none.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Samplers:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        self._running: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._running: list[tuple[int, subprocess.Popen[bytes], Path]] = []
 
     def attach(self, name: str, pid: int) -> None:
         exe = py_spy()
@@ -52,26 +53,34 @@ class Samplers:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self._running.append((proc, stacks))
+        self._running.append((pid, proc, stacks))
 
-    def stop(self) -> list[Path]:
-        """Interrupt every recorder still running, then summarize; the summaries written."""
-        for proc, _ in self._running:
+    def stop(self, pid: int | None = None) -> None:
+        """Interrupt the recorders (of ``pid`` only, when given), then write each one's summary:
+        its functions, or why there is none (py-spy's log: it could not attach, ...)."""
+        stopping = [r for r in self._running if pid is None or r[0] == pid]
+        self._running = [r for r in self._running if r not in stopping]
+        for _, proc, _ in stopping:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-        written = []
-        for proc, stacks in self._running:
+        for _, proc, stacks in stopping:
             try:
                 proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if stacks.exists():
-                summary = stacks.with_suffix(".txt")
-                summary.write_text(summarize(stacks.read_text()))
-                written.append(summary)
-        self._running.clear()
-        return written
+            summary = stacks.with_suffix(".txt")
+            try:
+                if stacks.exists() and stacks.stat().st_size > 0:
+                    summary.write_text(summarize(stacks.read_text(errors="replace")))
+                else:
+                    log = stacks.with_suffix(".log").read_text(errors="replace")[-2000:]
+                    summary.write_text(
+                        f"py-spy wrote no samples (exit {proc.returncode}); its log:\n{log}"
+                    )
+            except OSError as exc:  # one recorder's file: never the others' or the run's end
+                with contextlib.suppress(OSError):
+                    summary.write_text(f"no summary: {exc}\n")
 
 
 def _function(frame: str) -> str:

@@ -212,11 +212,25 @@ class StreamRun:
         if not self.marks or now - self.marks[-1][0] >= MARK_INTERVAL_S:
             self.marks.append((now, self.received))
 
-    def received_at(self, moment: float) -> int:
-        """Bytes received by ``moment`` (to within ``MARK_INTERVAL_S``)."""
-        if moment >= self.ended_at:
-            return self.received
-        return max((n for t, n in self.marks if t <= moment), default=0)
+    def received_at(self, moment: float) -> float:
+        """Bytes received by ``moment``: interpolated between the marks around it (the last
+        byte is the last mark), so no stream's share is up to a mark interval stale."""
+        if moment >= min(self.ended_at, self.last_byte_at or self.ended_at):
+            return float(self.received)
+        before, after = (0.0, 0), None
+        marks = list(self.marks)
+        if not marks or self.last_byte_at > marks[-1][0]:
+            marks.append((self.last_byte_at, self.received))
+        for mark in marks:
+            if mark[0] <= moment:
+                before = mark
+            else:
+                after = mark
+                break
+        if after is None or after[0] <= before[0]:
+            return float(before[1])
+        share = (moment - before[0]) / (after[0] - before[0])
+        return before[1] + share * (after[1] - before[1])
 
 
 MARK_INTERVAL_S = 0.01

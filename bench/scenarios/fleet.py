@@ -144,6 +144,7 @@ async def _idle_side(
             await asyncio.sleep(p.idle_heartbeat_fast_s)  # every agent on the new rhythm
             fast = await _cpu_window(pid, children, p.idle_cpu_window_s)
     finally:
+        bench.before_stopping(pid)  # a sampler records the measurement, not the teardown
         await _stop_all(children)
     return {
         "rss_at_0": base,
@@ -358,6 +359,7 @@ async def _storm_side(
     urls: list[str],
     credentials: list[str] | None,
     prober: _Prober | None,
+    measured_pid: int | None = None,
 ) -> dict[str, Any]:
     p = bench.profile
     n = p.storm_agents
@@ -398,6 +400,8 @@ async def _storm_side(
         # how the agents got back: attempts per agent and failed attempts by kind, since the kill
         attempts = {k: sum(int(c.status.get(k, 0)) for c in children) - at_kill[k] for k in counted}
     finally:
+        if measured_pid is not None:
+            bench.before_stopping(measured_pid)  # its sampler records the storm, not the teardown
         await _stop_all(children)
     return {"seconds": finished, "timeline": timeline, "agents": n, "attempts": attempts}
 
@@ -420,7 +424,7 @@ async def run_storm(bench: Bench) -> ScenarioResult:
     prober = _Prober(bench, Subjects(STORM_PREFIX), "gw-storm-2", probe_ids)
     await prober.start()
     try:
-        gt = await _storm_side(bench, "storm-gw", g1.kill, urls, credentials, prober)
+        gt = await _storm_side(bench, "storm-gw", g1.kill, urls, credentials, prober, g2.pid)
     finally:
         await prober.stop()
         await asyncio.to_thread(g2.stop)

@@ -165,8 +165,11 @@ async def run_stream(bench: Bench) -> ScenarioResult:
         "incomplete_runs": {
             "gurutunnel": sum(r.incomplete for r in gt_runs),
             "bridge": sum(r.incomplete for r in br_runs),
+            "single rounds": sum(r.incomplete for runs in rounds.values() for r in runs),
         },
-        "errors": [r.error for r in [*singles.values(), *gt_runs] if r.error],
+        "errors": [
+            r.error for r in [*(r for runs in rounds.values() for r in runs), *gt_runs] if r.error
+        ],
     }
     result.samples = {"gurutunnel shares": gt_shares, "bridge shares": br_shares}
     return result

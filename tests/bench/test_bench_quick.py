@@ -55,7 +55,7 @@ def test_smoke_profile_reports_every_scenario_with_numbers_and_ratios(tmp_path: 
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=240,
         check=False,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

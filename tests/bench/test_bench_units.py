@@ -71,7 +71,7 @@ def _document(**changes: Any) -> dict[str, Any]:
         "profile": "full",
         "selected": list(SCENARIOS),
         "failed": False,
-        "settings": {"profiled": []},
+        "settings": {"profiled": [], "database": "SQLite file in the run's temp dir"},
     }
     return document | changes
 
@@ -81,7 +81,8 @@ def test_only_a_complete_full_run_replaces_the_docs_table() -> None:
     assert not complete_run(_document(profile="quick"))
     assert not complete_run(_document(selected=["roundtrip"]))
     assert not complete_run(_document(failed=True))
-    assert not complete_run(_document(settings={"profiled": ["api"]}))
+    assert not complete_run(_document(settings={"profiled": ["api"], "database": "SQLite"}))
+    assert not complete_run(_document(settings={"profiled": [], "database": "PostgreSQL"}))
 
 
 def test_sample_summary_shares_functions_inclusive_and_own() -> None:
@@ -126,3 +127,12 @@ def test_the_smoke_profile_is_the_quick_profiles_smallest_size_of_each_scenario(
     assert SMOKE.idle_steps == [min(QUICK.idle_steps)]
     # the fleets are spread over several client processes, as the full profile's are
     assert SMOKE.agents_per_client_process < min(SMOKE.idle_steps[0], SMOKE.storm_agents)
+
+
+def test_shares_are_interpolated_between_marks() -> None:
+    """A stream's bytes at a moment between two marks, not those of the older mark."""
+    run = StreamRun(received=300, started_at=0.0, ended_at=2.0, last_byte_at=2.0)
+    run.marks = [(0.0, 0), (1.0, 100)]
+    assert run.received_at(0.5) == 50
+    assert run.received_at(1.5) == 200  # between the last mark and the last byte
+    assert run.received_at(2.0) == 300

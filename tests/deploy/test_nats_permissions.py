@@ -205,6 +205,8 @@ SUBJECT_MEMBERS = {
     "presence_consumer": "JetStream API subjects of the api",
     "revocation_bucket": "KV subjects: api writes, gateways watch",
     "api_queue": "queue group name, no subject",
+    "event_kind": "reads an agent_events subject back, no subject of its own",
+    "up_session_id": "reads a session_up subject back, no subject of its own",
 }
 """Every subject builder of ``Subjects`` and where this file accounts for it."""
 

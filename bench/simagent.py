@@ -7,7 +7,8 @@ Contract:
 - Reads commands from stdin, one JSON object per line: ``{"op": "target", "n": k}`` keeps agents
   ``0..k-1`` connected (agents are only ever added), ``{"op": "beat", "interval_s": s}`` makes
   every agent beat every ``s`` seconds from now on (each one's next beat at a random point of the
-  first interval, so the fleet does not beat in step), ``{"op": "stop"}`` closes every socket and
+  first interval, so the fleet does not beat in step), ``{"op": "mark"}`` restarts the count of
+  distinct agents welcomed (``back`` in the status), ``{"op": "stop"}`` closes every socket and
   exits. Writes JSON lines to stdout: ``{"event": "status", "connected": c, "target": t, ...}``
   whenever a count changed (at most every ``status_interval_s``).
 - A gurutunnel agent speaks protocol version 1 exactly as ``docs/protocol.md`` says, with the
@@ -211,6 +212,8 @@ class Counters:
     """... an HTTP answer other than 101 (e.g. 503 while draining)."""
     errors_received: int = 0
     commands: int = 0
+    back: int = 0
+    """Distinct agents welcomed since the last ``mark`` (since the start before any)."""
     heartbeats: int = 0
     """Heartbeats sent (what the gateway decoded and published, for its CPU per heartbeat)."""
 
@@ -239,9 +242,10 @@ class _Download:
 class AgentSocket:
     """One connected agent: answers the gateway's frames (see the module contract)."""
 
-    def __init__(self, ws: ClientConnection, process: SimProcess) -> None:
+    def __init__(self, ws: ClientConnection, process: SimProcess, index: int) -> None:
         self.ws = ws
         self.process = process
+        self.index = index
         self.welcome: Welcome | None = None
         self.session_id: str | None = None
         self.channels: dict[str, asyncio.Task[None]] = {}
@@ -305,7 +309,7 @@ class AgentSocket:
         if isinstance(frame, Welcome):
             self.welcome = frame
             self.process.counters.connected += 1
-            self.process.counters.welcomes += 1
+            self.process.welcomed(self.index)
             self.process.beating.add(self)
             self.beat_every(self.process.beat_override_s or frame.heartbeat_interval_s)
         elif isinstance(frame, Terminal):
@@ -690,6 +694,7 @@ class SimProcess:
         self.beating: set[AgentSocket] = set()
         """Welcomed agents, whose heartbeats run."""
         self.beat_override_s: float | None = None
+        self._back: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_connects = asyncio.Semaphore(config.connect_concurrency)
         self._sha_cache: dict[int, asyncio.Future[str]] = {}
@@ -698,6 +703,16 @@ class SimProcess:
         if size not in self._sha_cache:
             self._sha_cache[size] = asyncio.ensure_future(asyncio.to_thread(pattern_sha256, size))
         return await self._sha_cache[size]
+
+    def welcomed(self, index: int) -> None:
+        self.counters.welcomes += 1
+        self._back.add(index)
+        self.counters.back = len(self._back)
+
+    def mark(self) -> None:
+        """From now on ``back`` counts the distinct agents welcomed (a storm's return)."""
+        self._back = set()
+        self.counters.back = 0
 
     def beat_every(self, interval_s: float) -> None:
         self.beat_override_s = interval_s
@@ -753,11 +768,11 @@ class SimProcess:
                 try:
                     if self.config.mode == "bare":
                         self.counters.connected += 1
-                        self.counters.welcomes += 1
+                        self.welcomed(index)
                         welcomed = True
                         await ws.wait_closed()
                     else:
-                        sock = AgentSocket(ws, self)
+                        sock = AgentSocket(ws, self, index)
                         await sock.serve()
                         welcomed = sock.welcome is not None
                 finally:
@@ -827,6 +842,8 @@ async def amain(config: SimConfig) -> None:
             command = json.loads(line)
             if command.get("op") == "target":
                 process.set_target(int(command["n"]))
+            elif command.get("op") == "mark":
+                process.mark()
             elif command.get("op") == "beat":
                 process.beat_every(float(command["interval_s"]))
             elif command.get("op") == "stop":

@@ -374,7 +374,14 @@ async def _storm_side(
     shares = [*_shares(n - probes, len(children) - 1), probes]
     try:
         await _reach(children, n, p.idle_connect_timeout_s, shares)
-        before = sum(int(c.status.get("welcomes", 0)) for c in children)
+        for child in children:
+            await child.send({"op": "mark"})
+        # the marks are in effect once every process reported its count restarted
+        await children[0].wait_for(
+            lambda: all(int(c.status.get("back", -1)) == 0 for c in children),
+            10,
+            "the storm's marks",
+        )
         counted = ("attempts", "refused", "timeouts", "rejected", "failures")
         at_kill = {k: sum(int(c.status.get(k, 0)) for c in children) for k in counted}
         done = asyncio.Event()
@@ -386,10 +393,9 @@ async def _storm_side(
         timeline: list[tuple[float, int]] = []
         finished = None
         while time.monotonic() - t0 < p.storm_timeout_s:
-            back = sum(int(c.status.get("welcomes", 0)) for c in children) - before
+            # distinct agents welcomed since the kill, holding their connection
+            back = sum(int(c.status.get("back", 0)) for c in children)
             timeline.append((time.monotonic() - t0, back))
-            # welcomes count connections (an agent welcomed twice counts twice): done only
-            # when every agent also holds one
             if back >= n and sum(c.connected() for c in children) >= n:
                 finished = time.monotonic() - t0
                 break

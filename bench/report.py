@@ -47,7 +47,7 @@ def fmt(value: float | None, unit: str = "") -> str:
     elif magnitude >= 10:
         text = f"{value:.1f}"
     else:
-        text = f"{value:.3g}" if magnitude >= 0.01 else f"{value:.2g}"
+        text = f"{value:#.3g}" if magnitude >= 0.01 else f"{value:.2g}"
     return f"{text} {unit}".rstrip() if unit else text
 
 

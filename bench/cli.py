@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--docs",
         type=Path,
         help="write the table (and the plots, in a benchmarks/ folder beside it) into this file; "
-        "default: docs/benchmarks.md, for a full run of every scenario only",
+        "default: docs/benchmarks.md, for a complete full run on SQLite without profiler only",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write any table")
     parser.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib)")

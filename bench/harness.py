@@ -142,8 +142,12 @@ class Child:
         self.proc.stdin.write(json.dumps(message).encode() + b"\n")
         await self.proc.stdin.drain()
 
+    def count(self, key: str) -> int:
+        """A count of the process's last status line (0 before any)."""
+        return int(self.status.get(key, 0))
+
     def connected(self) -> int:
-        return int(self.status.get("connected", 0))
+        return self.count("connected")
 
     async def stop(self, timeout_s: float = 10) -> None:
         """Ask politely (stdin ``stop`` and SIGTERM), then SIGKILL after ``timeout_s``."""
@@ -452,9 +456,9 @@ class Bench:
         finally:
             await asyncio.to_thread(self.stack.close)
 
-    def before_stopping(self, pid: int) -> None:
+    async def before_stopping(self, pid: int) -> None:
         """A scenario is about to stop (or kill) process ``pid``: its sampler stops first."""
-        self.samplers.stop(pid)
+        await asyncio.to_thread(self.samplers.stop, pid)
 
     # ------------------------------------------------------------------ API helpers
     @property

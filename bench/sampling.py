@@ -107,10 +107,10 @@ def summarize(collapsed: str, top: int = TOP) -> str:
             for function in set(frames):
                 inclusive[function] += count
             own[frames[-1]] += count
+
+    def shares(counter: collections.Counter[str]) -> list[str]:
+        return [f"{100 * n / total:6.1f}%  {f}" for f, n in counter.most_common(top)]
+
     lines = [f"{total} samples holding the GIL ({RATE_HZ} Hz)", "", "inclusive:"]
-    lines += (
-        [f"{100 * n / total:6.1f}%  {f}" for f, n in inclusive.most_common(top)] if total else []
-    )
-    lines += ["", "own:"]
-    lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in own.most_common(top)] if total else []
+    lines += [*shares(inclusive), "", "own:", *shares(own)] if total else ["", "own:"]
     return "\n".join(lines) + "\n"

@@ -199,8 +199,6 @@ def _metrics() -> HostMetrics:
 @dataclass
 class Counters:
     connected: int = 0
-    welcomes: int = 0
-    """Connections that were welcomed (bare mode: opened), ever."""
     connections: int = 0
     attempts: int = 0
     failures: int = 0
@@ -213,7 +211,8 @@ class Counters:
     errors_received: int = 0
     commands: int = 0
     back: int = 0
-    """Distinct agents welcomed since the last ``mark`` (since the start before any)."""
+    """Distinct agents welcomed (bare mode: connected) since the last ``mark`` (since the start
+    before any)."""
     heartbeats: int = 0
     """Heartbeats sent (what the gateway decoded and published, for its CPU per heartbeat)."""
 
@@ -705,7 +704,6 @@ class SimProcess:
         return await self._sha_cache[size]
 
     def welcomed(self, index: int) -> None:
-        self.counters.welcomes += 1
         self._back.add(index)
         self.counters.back = len(self._back)
 

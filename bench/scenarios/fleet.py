@@ -91,10 +91,15 @@ async def _reach(
                 raise ChildFailed(
                     f"{child.name} exited ({n} agents connecting):\n{child.log_tail()}"
                 )
-        return sum(c.connected() for c in children) >= n
+        return _total(children, "connected") >= n
 
     await children[0].wait_for(reached, timeout_s, f"{n} agents connected")
     return time.monotonic() - t0
+
+
+def _total(children: list[Child], key: str) -> int:
+    """``key``'s count summed over the client processes' last status lines."""
+    return sum(c.count(key) for c in children)
 
 
 async def _settled_rss(pid: int, settle_s: float) -> int:
@@ -133,7 +138,7 @@ async def _idle_side(
                 f"(connected in {seconds:.1f} s)"
             )
         cpu, beats_per_s = await _cpu_window(pid, children, p.idle_cpu_window_s)
-        held = sum(c.connected() for c in children)
+        held = _total(children, "connected")
         fast: tuple[float, float] | None = None
         if credentials is not None:
             # the same process, sockets and pings, heartbeats at a higher rate: the difference
@@ -144,7 +149,7 @@ async def _idle_side(
             await asyncio.sleep(p.idle_heartbeat_fast_s)  # every agent on the new rhythm
             fast = await _cpu_window(pid, children, p.idle_cpu_window_s)
     finally:
-        bench.before_stopping(pid)  # a sampler records the measurement, not the teardown
+        await bench.before_stopping(pid)  # a sampler records the measurement, not the teardown
         await _stop_all(children)
     return {
         "rss_at_0": base,
@@ -161,12 +166,12 @@ async def _cpu_window(pid: int, children: list[Child], window_s: float) -> tuple
     """(CPU % of ``pid``, heartbeats/s the agents sent) over ``window_s``. The beats are
     counted, not assumed: the first beat goes at the welcome, so the phases of a fleet that
     connected in a burst are not spread evenly over the interval."""
-    beats0 = sum(int(c.status.get("heartbeats", 0)) for c in children)
+    beats0 = _total(children, "heartbeats")
     c0, t0 = cpu_seconds(pid), time.monotonic()
     await asyncio.sleep(window_s)
     elapsed = time.monotonic() - t0
     cpu = (cpu_seconds(pid) - c0) / elapsed * 100
-    beats = sum(int(c.status.get("heartbeats", 0)) for c in children) - beats0
+    beats = _total(children, "heartbeats") - beats0
     return cpu, beats / elapsed
 
 
@@ -378,12 +383,12 @@ async def _storm_side(
             await child.send({"op": "mark"})
         # the marks are in effect once every process reported its count restarted
         await children[0].wait_for(
-            lambda: all(int(c.status.get("back", -1)) == 0 for c in children),
+            lambda: all(c.status.get("back", -1) == 0 for c in children),
             10,
             "the storm's marks",
         )
         counted = ("attempts", "refused", "timeouts", "rejected", "failures")
-        at_kill = {k: sum(int(c.status.get(k, 0)) for c in children) for k in counted}
+        at_kill = {k: _total(children, k) for k in counted}
         done = asyncio.Event()
         probing = (
             asyncio.create_task(prober.run(p.storm_probe_rate_per_s, done)) if prober else None
@@ -394,9 +399,9 @@ async def _storm_side(
         finished = None
         while time.monotonic() - t0 < p.storm_timeout_s:
             # distinct agents welcomed since the kill, holding their connection
-            back = sum(int(c.status.get("back", 0)) for c in children)
+            back = _total(children, "back")
             timeline.append((time.monotonic() - t0, back))
-            if back >= n and sum(c.connected() for c in children) >= n:
+            if back >= n and _total(children, "connected") >= n:
                 finished = time.monotonic() - t0
                 break
             await asyncio.sleep(0.05)
@@ -404,10 +409,10 @@ async def _storm_side(
         if probing is not None:
             await probing
         # how the agents got back: attempts per agent and failed attempts by kind, since the kill
-        attempts = {k: sum(int(c.status.get(k, 0)) for c in children) - at_kill[k] for k in counted}
+        attempts = {k: _total(children, k) - at_kill[k] for k in counted}
     finally:
         if measured_pid is not None:
-            bench.before_stopping(measured_pid)  # its sampler records the storm, not the teardown
+            await bench.before_stopping(measured_pid)  # its sampler records the storm only
         await _stop_all(children)
     return {"seconds": finished, "timeline": timeline, "agents": n, "attempts": attempts}
 

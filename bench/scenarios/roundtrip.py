@@ -5,11 +5,11 @@ Round trip on the bus: what the API does for a command (NATS request ``terminal.
 carrying the output chunk and the exit frame, as the real agent answers a command that ends
 within its inline window), timed from the request until the answer carrying the exit frame is
 received (then decoded and checked, untimed, as the bridge's answer is received, untimed). The
-naive bridge does one NATS request answered by
-its peer with the output. Through REST: ``POST /tunnel/{id}/exec`` of the same tiny command, to
-its full JSON result, beside the bridge's own REST call (its bare ASGI app: POST, NATS request,
-peer): what an HTTP round trip costs on the same machine. The four run in interleaved blocks,
-rotating over several agents (the gateway rate-limits control frames per connection).
+naive bridge does one NATS request answered by its peer with the output. Through REST: ``POST
+/tunnel/{id}/exec`` of the same tiny command, to its full JSON result, beside the bridge's own
+REST call (its bare ASGI app: POST, NATS request, peer): what an HTTP round trip costs on the
+same machine. The four run in interleaved blocks, rotating over several agents (the gateway
+rate-limits control frames per connection).
 
 Scenario 2 measures the gateway, so its load generator costs what the bridge's does: requests
 are prebuilt bytes (the codec's exact text, checked by tests/bench) and answers are checked by
@@ -37,13 +37,10 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
     names = bench.bridge_names[: p.rt_agents]
     waiter = ExitWaiter()
     await waiter.start(bench)
-    answers: list[float] = []
 
     async def gurutunnel_bus(i: int) -> float:
         k = i % len(agents)
-        timing = await bus_command(bench, waiter, agents[k].id, sessions[k])
-        answers.append(timing.answer_s * 1000)
-        return timing.full_s
+        return await bus_command(bench, waiter, agents[k].id, sessions[k])
 
     async def bridge(i: int) -> float:
         t0 = time.perf_counter()
@@ -95,12 +92,10 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
         bus_cpu_ms = {k: v / calls * 1000 for k, v in meter.stop_seconds().items()}
     finally:
         await waiter.stop()
-    answers = answers[p.rt_warmup :]
-    gt, br, rs, an, brs = (
+    gt, br, rs, brs = (
         summary(samples["gurutunnel_bus"]),
         summary(samples["bridge"]),
         summary(samples["rest"]),
-        summary(answers),
         summary(samples["bridge_rest"]),
     )
     bridge_name = "naive bridge (NATS request -> websockets -> peer)"
@@ -165,7 +160,6 @@ async def run_roundtrip(bench: Bench) -> ScenarioResult:
     result.details = {
         "agents": len(agents),
         "gurutunnel_bus_full_ms": gt,
-        "gurutunnel_bus_answer_ms": an,
         "bridge_ms": br,
         "rest_exec_ms": rs,
         "bridge_rest_ms": brs,
